@@ -1,0 +1,149 @@
+"""Desired versus current: every way two host states differ that the agent is responsible for.
+
+Kernel-made routes (prefix and local) follow the addresses and are not compared; learned neighbour
+entries change with traffic, so only their link-layer address is, and extra learned ones are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .model import (
+    FOREVER,
+    IFA_F_TRANSIENT,
+    IFF_UP,
+    RT_TABLE_LOCAL,
+    RTPROT_KERNEL,
+    Address,
+    HostState,
+    Link,
+    Route,
+)
+
+LIFETIME_SLACK = 2  # seconds: lifetimes tick while we work
+
+
+def differences(expected: HostState, actual: HostState, age: float = 0.0) -> tuple[str, ...]:
+    """Human-readable lines, one per difference; empty when the states agree.
+
+    `age`: seconds between the two readings, by which finite lifetimes may have run down.
+    """
+    return (
+        *_link_differences(expected.nic, actual.nic),
+        *_bridge_differences(expected.bridge, actual.bridge),
+        *_address_differences(expected, actual, age),
+        *_route_differences(expected, actual),
+        *_neighbour_differences(expected, actual),
+    )
+
+
+def _link_differences(want: Link, have: Link) -> Iterable[str]:
+    for what, w, h in (
+        ("MAC", want.mac, have.mac),
+        ("MTU", want.mtu, have.mtu),
+        ("up", bool(want.flags & IFF_UP), bool(have.flags & IFF_UP)),
+        ("master", want.master, have.master),
+    ):
+        if w != h:
+            yield f"{want.name}: {what} is {h}, expected {w}"
+
+
+def _bridge_differences(want: Link | None, have: Link | None) -> Iterable[str]:
+    if want is None and have is not None:
+        yield f"{have.name} exists, expected no such device"
+    elif want is not None and have is None:
+        yield f"{want.name} is missing"
+    elif want is not None and have is not None:
+        if have.kind != "bridge":
+            yield f"{have.name} is a {have.kind or 'plain'} device, expected a bridge"
+        yield from _link_differences(want, have)
+
+
+def _address_differences(expected: HostState, actual: HostState, age: float) -> Iterable[str]:
+    devices = {d for d, _ in expected.addresses} | {d for d, _ in actual.addresses}
+    for dev in sorted(devices):
+        for family, name in ((2, "IPv4"), (10, "IPv6")):
+            want = [a for a in expected.addresses_on(dev) if a.family == family]
+            have = [a for a in actual.addresses_on(dev) if a.family == family]
+            yield from _address_list_differences(dev, name, want, have, age)
+
+
+def _address_list_differences(
+    dev: str, family: str, want: list[Address], have: list[Address], age: float
+) -> Iterable[str]:
+    # The kernel makes a link-local address of its own on every device that has none.
+    have = [a for a in have if a.family == 2 or a.is_global or any(_same(a, w) for w in want)]
+    by_address = {a.address: a for a in have}
+    for a in want:
+        if a.address not in by_address:
+            yield f"{dev}: address {a} is missing"
+    for a in have:
+        if a.address not in {w.address for w in want}:
+            yield f"{dev}: address {a} should not be there"
+    for w in want:
+        h = by_address.get(w.address)
+        if h is not None:
+            yield from (f"{dev}: address {w}: {d}" for d in _address_field_differences(w, h, age))
+    common_want = [a.address for a in want if a.address in by_address]
+    common_have = [a.address for a in have if a.address in {w.address for w in want}]
+    if common_want != common_have:
+        yield f"{dev}: {family} order is {' '.join(common_have)}, expected {' '.join(common_want)}"
+
+
+def _same(a: Address, b: Address) -> bool:
+    return a.address == b.address
+
+
+def _address_field_differences(want: Address, have: Address, age: float) -> Iterable[str]:
+    for what, w, h in (
+        ("prefix length", want.prefixlen, have.prefixlen),
+        ("scope", want.scope, have.scope),
+        ("flags", want.flags & ~IFA_F_TRANSIENT, have.flags & ~IFA_F_TRANSIENT),
+        ("label", want.label, have.label),
+        ("broadcast", want.broadcast, have.broadcast),
+        ("peer", want.peer, have.peer),
+    ):
+        if w != h:
+            yield f"{what} is {h}, expected {w}"
+    for what, w, h in (
+        ("valid lifetime", want.valid_lft, have.valid_lft),
+        ("preferred lifetime", want.preferred_lft, have.preferred_lft),
+    ):
+        if not _lifetime_matches(w, h, age):
+            yield f"{what} is {h}, expected {w}"
+
+
+def _lifetime_matches(want: int, have: int, age: float) -> bool:
+    if FOREVER in (want, have):
+        return want == have
+    return want - age - LIFETIME_SLACK <= have <= want + LIFETIME_SLACK
+
+
+def configured_routes(state: HostState) -> frozenset[Route]:
+    return frozenset(
+        r for r in state.routes if r.table != RT_TABLE_LOCAL and r.protocol != RTPROT_KERNEL
+    )
+
+
+def _route_differences(expected: HostState, actual: HostState) -> Iterable[str]:
+    want, have = configured_routes(expected), configured_routes(actual)
+    for r in sorted(want - have, key=str):
+        yield f"route {r} is missing"
+    for r in sorted(have - want, key=str):
+        yield f"route {r} should not be there"
+
+
+def _neighbour_differences(expected: HostState, actual: HostState) -> Iterable[str]:
+    have = {(n.dev, n.dst): n for n in actual.neighbours}
+    for n in expected.neighbours:
+        h = have.get((n.dev, n.dst))
+        if h is None:
+            yield f"neighbour {n} is missing"
+        elif h.lladdr != n.lladdr:
+            yield f"neighbour {n}: link-layer address is {h.lladdr}"
+        elif n.is_static and h.state != n.state:
+            yield f"neighbour {n}: state is {h.state:#x}, expected {n.state:#x}"
+    wanted = {(n.dev, n.dst) for n in expected.neighbours}
+    for h in actual.neighbours:
+        if h.is_static and (h.dev, h.dst) not in wanted:
+            yield f"neighbour {h} (static) should not be there"

@@ -1,0 +1,57 @@
+"""What the user sees: a short line per phase with its duration, or one JSON document."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from . import serde
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    name: str
+    ms: float
+    detail: str
+
+
+@dataclass
+class Report:
+    """Collects phases as they end; prints each at once unless JSON was asked for."""
+
+    as_json: bool
+    out: TextIO = sys.stdout
+    phases: list[PhaseRecord] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def phase(self, name: str, started: float, detail: str) -> None:
+        """Record a phase that began at `started` (time.perf_counter()) and ends now."""
+        record = PhaseRecord(name, (time.perf_counter() - started) * 1000, detail)
+        self.phases.append(record)
+        if not self.as_json:
+            print(f"{name:<10} {record.ms:9.1f} ms  {detail}", file=self.out, flush=True)
+
+    def note(self, line: str) -> None:
+        if not self.as_json:
+            print(f"{'':<10} {'':>12}  {line}", file=self.out, flush=True)
+
+    def attach(self, key: str, value: Any) -> None:
+        """Add a section to the JSON document (snapshot, plan, differences, ...)."""
+        self.extra[key] = serde.to_data(value)
+
+    def finish(self, code: int, result: str, message: str = "") -> None:
+        if self.as_json:
+            doc = {
+                "result": result,
+                "exit_code": code,
+                "message": message,
+                "phases": [serde.to_data(p) for p in self.phases],
+                **self.extra,
+            }
+            json.dump(doc, self.out, indent=1)
+            print(file=self.out, flush=True)
+        else:
+            print(f"{result}: {message}" if message else result, file=self.out, flush=True)

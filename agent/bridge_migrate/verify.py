@@ -1,0 +1,261 @@
+"""Probes that prove the host talks on its new path, retried until a deadline.
+
+The gateway is asked at layer 2 for IPv4 (an ARP request on the bridge: needs no route, answers
+where ICMP is filtered, and its reply resolves the kernel's entry as a side effect) and by ICMPv6
+echo from the moved global address for IPv6 (works while the bridge's link-local is tentative).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from tenacity import Retrying, retry_if_result, stop_before_delay, wait_fixed
+
+from .model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState, Route
+
+ProbeKind = Literal["arp", "icmp", "tcp"]
+ETH_P_ARP = 0x0806
+_ATTEMPT_WAIT = 0.1  # how long one attempt waits for its answer before asking again
+_PAUSE = 0.02  # between attempts
+
+
+@dataclass(frozen=True)
+class Probe:
+    kind: ProbeKind
+    target: str
+    port: int | None = None
+    source: str | None = None  # the address to ask from (gateway probes)
+    dev: str | None = None  # the device to ask on (gateway probes)
+
+    def __str__(self) -> str:
+        where = f" from {self.source} on {self.dev}" if self.dev else ""
+        if self.kind == "tcp":
+            host = f"[{self.target}]" if ":" in self.target else self.target
+            return f"tcp:{host}:{self.port}"
+        return f"{self.kind}:{self.target}{where}"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    probe: Probe
+    ok: bool
+    attempts: int
+    seconds: float  # from the start of verification to the answer (or to giving up)
+
+
+class ProbeSyntaxError(ValueError):
+    pass
+
+
+def parse_probe(text: str) -> Probe:
+    """`icmp:ADDR` or `tcp:ADDR:PORT` (IPv6 in brackets for tcp: `tcp:[2001:db8::1]:22`)."""
+    kind, _, rest = text.partition(":")
+    if kind == "icmp":
+        return Probe("icmp", _parse_address(rest, text))
+    if kind == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            raise ProbeSyntaxError(f"--probe {text!r}: expected tcp:ADDR:PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ProbeSyntaxError(f"--probe {text!r}: put an IPv6 address in brackets")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ProbeSyntaxError(f"--probe {text!r}: port must be 1-65535")
+        return Probe("tcp", _parse_address(host, text), port=int(port))
+    raise ProbeSyntaxError(f"--probe {text!r}: expected icmp:ADDR or tcp:ADDR:PORT")
+
+
+def _parse_address(value: str, text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ProbeSyntaxError(f"--probe {text!r}: {value!r} is not an IP address") from None
+
+
+def gateway_probes(state: HostState, bridge: str) -> tuple[Probe, ...]:
+    """One probe per family that has a default route via a gateway in the main table."""
+    probes = []
+    for family in (AF_INET, AF_INET6):
+        route = _best_default(state.routes_on(state.nic.name), family)
+        if route is None or route.gateway is None:
+            continue
+        source = _source_for(route.gateway, state.addresses_on(state.nic.name), family)
+        if source is not None:
+            kind: ProbeKind = "arp" if family == AF_INET else "icmp"
+            probes.append(Probe(kind, route.gateway, source=source, dev=bridge))
+    return tuple(probes)
+
+
+def _best_default(routes: tuple[Route, ...], family: int) -> Route | None:
+    defaults = [
+        r for r in routes if r.family == family and r.is_default and r.table == RT_TABLE_MAIN
+    ]
+    return min(defaults, key=lambda r: r.priority, default=None)
+
+
+def _source_for(gateway: str, addresses: tuple[Address, ...], family: int) -> str | None:
+    candidates = [a for a in addresses if a.family == family and a.is_global]
+    gw = ipaddress.ip_address(gateway)
+    for a in candidates:
+        if gw in ipaddress.ip_interface(f"{a.address}/{a.prefixlen}").network:
+            return a.address
+    return candidates[0].address if candidates else None
+
+
+def run_probes(probes: tuple[Probe, ...], deadline: float) -> tuple[ProbeResult, ...]:
+    """Each probe retried until it answers or the monotonic `deadline` passes."""
+    started = time.monotonic()
+    # Concurrently: one silent target must not eat the others' time.
+    with ThreadPoolExecutor(max_workers=max(1, len(probes))) as pool:
+        return tuple(pool.map(lambda p: _run_until(p, started, deadline), probes))
+
+
+def _run_until(probe: Probe, started: float, deadline: float) -> ProbeResult:
+    attempts = 0
+    asker = _ASKERS[probe.kind](probe)
+
+    def attempt() -> bool:
+        nonlocal attempts
+        attempts += 1
+        wait = max(0.001, min(_ATTEMPT_WAIT, deadline - time.monotonic()))
+        try:
+            return asker.ask(wait)
+        except OSError:
+            return False
+
+    retrying = Retrying(
+        stop=stop_before_delay(max(0.0, deadline - time.monotonic())),
+        wait=wait_fixed(_PAUSE),
+        retry=retry_if_result(lambda ok: not ok),
+        retry_error_callback=lambda _state: False,
+    )
+    try:
+        ok = bool(retrying(attempt))
+    finally:
+        asker.close()
+    return ProbeResult(probe, ok, attempts, time.monotonic() - started)
+
+
+class _Asker:
+    """One socket per probe, kept across attempts."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.sock: socket.socket | None = None
+
+    def ask(self, wait: float) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        # Closing a packet socket waits for an RCU grace period (22-45 ms measured): do it
+        # off the critical path.
+        if self.sock is not None:
+            threading.Thread(target=self.sock.close, daemon=True).start()
+
+
+class _ArpAsker(_Asker):
+    def ask(self, wait: float) -> bool:
+        probe = self.probe
+        assert probe.dev and probe.source
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+            self.sock.bind((probe.dev, ETH_P_ARP))
+        mac = self.sock.getsockname()[4]
+        spa = socket.inet_aton(probe.source)
+        tpa = socket.inet_aton(probe.target)
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, spa, b"\0" * 6, tpa)
+        self.sock.send(b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP) + arp)
+        return _await(self.sock, wait, lambda f: _is_arp_reply(f, tpa, spa))
+
+
+def _is_arp_reply(frame: bytes, sender: bytes, target: bytes) -> bool:
+    if len(frame) < 42:
+        return False
+    op, spa, tpa = struct.unpack_from("!H", frame, 20)[0], frame[28:32], frame[38:42]
+    return bool(op == 2 and spa == sender and tpa == target)
+
+
+class _IcmpAsker(_Asker):
+    def __init__(self, probe: Probe) -> None:
+        super().__init__(probe)
+        self.v6 = ipaddress.ip_address(probe.target).version == 6
+        self.scope = 0
+        self.seq = 0
+
+    def _open(self) -> socket.socket:
+        probe = self.probe
+        family, proto = (
+            (AF_INET6, socket.IPPROTO_ICMPV6) if self.v6 else (AF_INET, socket.IPPROTO_ICMP)
+        )
+        s = socket.socket(family, socket.SOCK_RAW, proto)
+        if probe.dev:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, probe.dev.encode())
+            self.scope = socket.if_nametoindex(probe.dev) if self.v6 else 0
+        if probe.source:
+            s.bind((probe.source, 0, 0, self.scope) if self.v6 else (probe.source, 0))
+        return s
+
+    def ask(self, wait: float) -> bool:
+        if self.sock is None:
+            self.sock = self._open()
+        self.seq = (self.seq + 1) & 0xFFFF
+        ident_seq = struct.pack("!HH", os.getpid() & 0xFFFF, self.seq)
+        payload = b"bridge-migrate"
+        if self.v6:
+            # The kernel fills in the ICMPv6 checksum on raw ICMPv6 sockets.
+            self.sock.sendto(
+                b"\x80\0\0\0" + ident_seq + payload, (self.probe.target, 0, 0, self.scope)
+            )
+            return _await(self.sock, wait, lambda p: p[:1] == b"\x81" and p[4:8] == ident_seq)
+        checksum = _checksum(b"\x08\0\0\0" + ident_seq + payload)
+        self.sock.sendto(
+            b"\x08\0" + struct.pack("!H", checksum) + ident_seq + payload, (self.probe.target, 0)
+        )
+        source = socket.inet_aton(self.probe.target)
+        return _await(self.sock, wait, lambda p: _is_echo_reply_v4(p, source, ident_seq))
+
+
+def _is_echo_reply_v4(packet: bytes, source: bytes, ident_seq: bytes) -> bool:
+    ihl = (packet[0] & 0x0F) * 4
+    icmp = packet[ihl:]
+    return packet[12:16] == source and icmp[:1] == b"\x00" and icmp[4:8] == ident_seq
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+class _TcpAsker(_Asker):
+    def ask(self, wait: float) -> bool:
+        assert self.probe.port is not None
+        with socket.create_connection((self.probe.target, self.probe.port), timeout=wait):
+            return True
+
+
+def _await(s: socket.socket, wait: float, matches: Callable[[bytes], bool]) -> bool:
+    """Read from `s` until a packet `matches` or `wait` seconds pass (bounded by the clock)."""
+    end = time.monotonic() + wait
+    while (left := end - time.monotonic()) > 0:
+        ready, _, _ = select.select([s], [], [], left)
+        if ready and matches(s.recv(65535)):
+            return True
+    return False
+
+
+_ASKERS: dict[str, type[_Asker]] = {"arp": _ArpAsker, "icmp": _IcmpAsker, "tcp": _TcpAsker}
