@@ -1,0 +1,98 @@
+"""The whole host namespace read back over netlink, for before/after comparisons in tests.
+
+Independent of the agent's own snapshot and compare code, and wider: every link, every address,
+every route in every table (kernel-made ones included), every resolved neighbour entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+
+IFA_F_TENTATIVE = 0x40
+IFA_F_OPTIMISTIC = 0x04
+NUD_VALID = 0x80 | 0x40 | 0x02 | 0x04 | 0x08 | 0x10
+NUD_STATIC = 0x80 | 0x40
+
+
+@dataclass(frozen=True)
+class HostView:
+    links: tuple[tuple[object, ...], ...]  # name, kind, mac, mtu, up, master
+    addresses: tuple[tuple[object, ...], ...]  # in dump order per device and family
+    routes: frozenset[tuple[object, ...]]
+    neighbours: frozenset[tuple[object, ...]]  # dev, dst, lladdr (+ state if static)
+
+    def link(self, name: str) -> tuple[object, ...] | None:
+        return next((link for link in self.links if link[0] == name), None)
+
+    def addresses_on(self, dev: str) -> list[str]:
+        return [str(a[2]) for a in self.addresses if a[0] == dev]
+
+
+def read_view(netns: str) -> HostView:
+    with IPRoute(netns=netns, flags=0) as ipr:
+        links = list(ipr.get_links())
+        names = {m["index"]: m.get("IFLA_IFNAME") for m in links}
+        return HostView(
+            links=tuple(sorted(_link(m, names) for m in links)),
+            addresses=tuple(_address(m, names) for m in ipr.get_addr()),
+            routes=frozenset(_route(m, names) for m in ipr.get_routes()),
+            neighbours=frozenset(
+                _neighbour(m, names)
+                for m in ipr.get_neighbours()
+                if m["state"] & NUD_VALID and m.get("NDA_LLADDR") and m["state"] != 0x40
+            ),
+        )
+
+
+def _link(m: Any, names: dict[int, str]) -> tuple[object, ...]:
+    return (
+        m.get("IFLA_IFNAME"),
+        m.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) or "",
+        m.get("IFLA_ADDRESS"),
+        m.get("IFLA_MTU"),
+        bool(m["flags"] & 1),
+        names.get(m.get("IFLA_MASTER") or 0),
+    )
+
+
+def _address(m: Any, names: dict[int, str]) -> tuple[object, ...]:
+    cache = m.get("IFA_CACHEINFO") or {}
+    return (
+        names[m["index"]],
+        m["family"],
+        m.get("IFA_LOCAL") or m.get("IFA_ADDRESS"),
+        m["prefixlen"],
+        m["scope"],
+        (m.get("IFA_FLAGS") or m["flags"]) & ~(IFA_F_TENTATIVE | IFA_F_OPTIMISTIC),
+        m.get("IFA_LABEL"),
+        m.get("IFA_BROADCAST"),
+        # Finite lifetimes tick: keep only whether they are finite.
+        cache.get("ifa_valid") == 0xFFFFFFFF,
+        cache.get("ifa_preferred") == 0xFFFFFFFF,
+    )
+
+
+def _route(m: Any, names: dict[int, str]) -> tuple[object, ...]:
+    metrics = m.get("RTA_METRICS")
+    return (
+        m["family"],
+        m.get("RTA_TABLE"),
+        m.get("RTA_DST"),
+        m["dst_len"],
+        names.get(m.get("RTA_OIF")),
+        m.get("RTA_GATEWAY"),
+        m.get("RTA_PRIORITY"),
+        m["proto"],
+        m["scope"],
+        m["type"],
+        m.get("RTA_PREFSRC"),
+        tuple(sorted(metrics["attrs"])) if metrics else (),
+    )
+
+
+def _neighbour(m: Any, names: dict[int, str]) -> tuple[object, ...]:
+    static = m["state"] & NUD_STATIC
+    return (names[m["ifindex"]], m.get("NDA_DST"), m.get("NDA_LLADDR"), m["state"] if static else 0)

@@ -1,0 +1,374 @@
+"""The takeover against the real kernel, in a throwaway lab: success, rollback, refusals."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from conftest import Agent
+from hostview import HostView, read_view
+from netlab import Lab
+
+pytestmark = pytest.mark.root
+
+TIMEOUT = 2.0  # the dead-man deadline for tests that expect a rollback
+
+
+def assert_unchanged(before: HostView, after: HostView) -> None:
+    assert after.links == before.links
+    assert after.addresses == before.addresses  # order included
+    assert after.routes == before.routes  # every table, kernel-made routes too
+    assert after.neighbours == before.neighbours
+
+
+def test_takeover_moves_everything_onto_the_bridge(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    run = agent("apply", "--timeout", "5")
+    assert run.code == 0, run.stderr + run.stdout
+    after = read_view(lab.host_ns)
+
+    nic, br = after.link("eth0"), after.link("br0")
+    assert br is not None and nic is not None
+    assert br[1] == "bridge" and br[2] == nic[2] == before.link("eth0")[2]  # type: ignore[index]
+    assert br[3] == nic[3] and br[4] is True  # MTU, up
+    assert nic[5] == "br0"  # enslaved
+    assert _stp_and_delay(lab) == (0, 0)
+    moved = [a for a in before.addresses_on("eth0") if not a.startswith("fe80")]
+    assert [a for a in after.addresses_on("br0") if not a.startswith("fe80")] == moved
+    assert [a for a in after.addresses_on("eth0") if not a.startswith("fe80")] == []
+    for r in before.routes:
+        if r[4] == "eth0" and r[7] not in (2,) and r[1] != 255:  # configured routes
+            assert (*r[:4], "br0", *r[5:]) in after.routes
+    a = lab.addrs
+    lab.wait_reachable(
+        lab.peer_ns, [a.host_v4, a.host_v4_secondary, a.host_v6], timeout=3
+    )  # on-link, both families, every address
+    lab.wait_reachable(lab.far_ns, [a.host_v4, a.host_v6], timeout=3)  # via the default routes
+    lab.wait_reachable(lab.host_ns, [a.peer_v4, a.peer_v6, a.far_v4, a.static_v4], timeout=3)
+
+
+def test_human_output_has_a_line_per_phase_and_json_has_the_record(lab: Lab, agent: Agent) -> None:
+    run = agent("apply", "--json")
+    assert run.code == 0, run.stderr
+    doc = run.json()
+    assert doc["result"] == "migrated" and doc["exit_code"] == 0
+    assert [p["name"] for p in doc["phases"]] == [
+        "snapshot",
+        "plan",
+        "bridge",
+        "batch",
+        "check",
+        "verify",
+    ]
+    assert all(p["ms"] >= 0 for p in doc["phases"])
+    assert doc["snapshot"]["nic"]["name"] == "eth0"
+    assert len(doc["plan"]["batch"]) >= 10
+    status = agent("status")
+    assert status.code == 0 and "committed" in status.stdout
+
+
+@pytest.mark.parametrize("how", ["addr", "silent"])
+def test_dead_gateway_rolls_back_to_the_exact_snapshot(lab: Lab, agent: Agent, how: str) -> None:
+    before = read_view(lab.host_ns)
+    lab.kill_gateway(how)
+    run = agent("apply", "--timeout", str(TIMEOUT))
+    assert run.code == 4, run.stderr + run.stdout
+    assert TIMEOUT <= run.seconds < TIMEOUT + 2.5
+    assert "rolled back" in run.stdout
+    after = read_view(lab.host_ns)
+    assert after.link("br0") is None
+    assert_unchanged(before, after)
+    assert "rolled-back" in agent("status").stdout
+
+
+def test_unanswered_extra_probe_rolls_back(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    run = agent("apply", "--timeout", "1", "--probe", f"tcp:{lab.addrs.peer_v4}:9")
+    assert run.code == 4, run.stderr + run.stdout
+    assert "tcp:198.18.0.20:9" in run.stdout
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_failure_in_the_middle_of_the_batch_is_undone(lab: Lab, agent: Agent) -> None:
+    # New devices get no IPv6 here: adding eth0's IPv6 address to br0 fails mid-batch, after
+    # the NIC was enslaved and its IPv4 addresses were added to br0.
+    lab.sysctl(lab.host_ns, {"net.ipv6.conf.default.disable_ipv6": 1})
+    before = read_view(lab.host_ns)
+    run = agent("apply", "--json")
+    assert run.code == 4, run.stderr + run.stdout
+    doc = run.json()
+    assert doc["result"] == "rolled back"
+    assert "failed: add address 2001:db8:0:1::10/64 dev br0" in doc["message"]
+    batch = next(p for p in doc["phases"] if p["name"] == "batch")
+    done, total = batch["detail"].split()[0].split("/")
+    assert 0 < int(done) < int(total)
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_apply_twice_is_a_no_op(lab: Lab, agent: Agent) -> None:
+    assert agent("apply").code == 0
+    migrated = read_view(lab.host_ns)
+    again = agent("apply")
+    assert again.code == 0 and "already migrated" in again.stdout
+    assert agent("apply", "--nic", "eth0").code == 0
+    after = read_view(lab.host_ns)
+    assert after.links == migrated.links
+    # br0's link-local address may finish DAD in between: compare the configured parts only.
+    assert _global(after.addresses) == _global(migrated.addresses)
+    assert _configured(after.routes) == _configured(migrated.routes)
+
+
+def test_rollback_command_restores_a_committed_migration(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    assert agent("apply").code == 0
+    run = agent("rollback")
+    assert run.code == 0, run.stderr + run.stdout
+    assert_unchanged(before, read_view(lab.host_ns))
+    assert agent("rollback").code == 0  # nothing left to do
+    assert agent("apply").code == 0  # and it can migrate again
+
+
+def test_sigterm_during_verification_rolls_back(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    lab.kill_gateway("addr")
+    proc = agent.popen("apply", "--timeout", "20")
+    _wait_for_phase(agent.state_dir, "verifying", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4, out + err
+    assert "interrupted by SIGTERM" in out
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_second_concurrent_apply_is_refused(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    lab.kill_gateway("addr")
+    first = agent.popen("apply", "--timeout", "3")
+    _wait_for_phase(agent.state_dir, "verifying", first)
+    second = agent("apply")
+    out, err = first.communicate(timeout=30)
+    assert (first.returncode, second.code) == (4, 3), (out, err, second.stderr)
+    assert "another bridge-migrate" in second.stderr and "Nothing was changed" in second.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_held_lock_refuses(lab: Lab, agent: Agent) -> None:
+    agent.state_dir.mkdir(mode=0o700)
+    with open(agent.state_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = agent("apply")
+    assert run.code == 3 and "another bridge-migrate" in run.stderr
+
+
+def test_record_is_root_only_and_written_atomically(lab: Lab, agent: Agent) -> None:
+    assert agent("apply").code == 0
+    assert (agent.state_dir.stat().st_mode & 0o777) == 0o700
+    record = agent.state_dir / "transaction.json"
+    assert (record.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in agent.state_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def _global(addresses: tuple[tuple[object, ...], ...]) -> list[tuple[object, ...]]:
+    return [a for a in addresses if not str(a[2]).startswith("fe80")]
+
+
+def _configured(routes: frozenset[tuple[object, ...]]) -> set[tuple[object, ...]]:
+    return {r for r in routes if r[7] != 2}  # proto kernel: made by the kernel from addresses
+
+
+def _wait_for_phase(state_dir: Path, phase: str, proc: object, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    record = state_dir / "transaction.json"
+    while time.monotonic() < deadline:
+        if record.exists() and f'"phase": "{phase}"' in record.read_text():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"phase {phase} not reached in {limit} s")
+
+
+def _stp_and_delay(lab: Lab) -> tuple[int, int]:
+    with IPRoute(netns=lab.host_ns, flags=0) as ipr:
+        (link,) = ipr.get_links(ifname="br0")
+        data = link.get(("IFLA_LINKINFO", "IFLA_INFO_DATA"))
+        return data.get("IFLA_BR_STP_STATE"), data.get("IFLA_BR_FORWARD_DELAY")
+
+
+# Refusals and input errors: exit code, and the host read back unchanged ------------------------
+
+
+def _prepare(lab: Lab, case: str) -> list[str]:
+    """Set up the host for a refusal case; return the agent's arguments."""
+    extra = {
+        "no-such-nic": [],
+        "loopback": [],
+        "nic-is-bridge": ["link add brx type bridge", "link set brx up"],
+        "nic-is-port": [
+            "link add brp type bridge",
+            "link add vp type veth peer name vp2",
+            "link set vp master brp",
+        ],
+        "nic-down": ["link add vd type veth peer name vd2", "addr add 198.18.9.1/24 dev vd"],
+        "no-global-address": [
+            "link add vn type veth peer name vn2",
+            "link set vn up",
+            "link set vn2 up",
+        ],
+        "bridge-exists": ["link add br0 type bridge"],
+    }[case]
+    if extra:
+        lab.ip_batch(lab.host_ns, extra)
+    return {
+        "no-such-nic": ["--nic", "eth9"],
+        "loopback": ["--nic", "lo"],
+        "nic-is-bridge": ["--nic", "brx"],
+        "nic-is-port": ["--nic", "vp"],
+        "nic-down": ["--nic", "vd"],
+        "no-global-address": ["--nic", "vn"],
+        "bridge-exists": [],
+    }[case]
+
+
+REFUSALS = {
+    "no-such-nic": "no such NIC 'eth9'",
+    "loopback": "lo is a loopback device",
+    "nic-is-bridge": "brx is a bridge",
+    "nic-is-port": "vp is already a port of brp",
+    "nic-down": "vd is down",
+    "no-global-address": "vn has no global address",
+    "bridge-exists": "br0 exists and is not a completed migration of eth0",
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_preflight_refusals_change_nothing(lab: Lab, agent: Agent, case: str) -> None:
+    args = _prepare(lab, case)
+    before = read_view(lab.host_ns)
+    for command in ("plan", "apply"):
+        run = agent(command, *args)
+        assert run.code == 3, (command, run.stdout, run.stderr)
+        assert REFUSALS[case] in run.stderr and "Nothing was changed" in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+    assert not (agent.state_dir / "transaction.json").exists()
+
+
+def test_pending_transaction_refuses(lab: Lab, agent: Agent) -> None:
+    lab.kill_gateway("addr")
+    proc = agent.popen("apply", "--timeout", "20")
+    _wait_for_phase(agent.state_dir, "verifying", proc)
+    proc.kill()  # the agent dies with the host migrated and unverified
+    proc.wait(timeout=10)
+    run = agent("apply")
+    assert run.code == 3 and "is verifying" in run.stderr
+    assert "bridge-migrate rollback" in run.stderr
+    status = agent("status")
+    assert "verifying" in status.stdout and "left" in status.stdout
+    before = read_view(lab.host_ns)
+    assert before.link("br0") is not None
+    run = agent("rollback")
+    assert run.code == 0, run.stdout + run.stderr
+    after = read_view(lab.host_ns)
+    assert after.link("br0") is None
+    assert "198.18.0.10" in after.addresses_on("eth0")
+
+
+def test_not_root_is_refused(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    run = lab.run(
+        lab.host_ns,
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *agent.argv("apply")],
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert run.returncode == 3, run.stderr
+    assert "not running as root" in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nic", "eth/0"], "no '/', ':' or white space"),
+        (["--nic", "a" * 16], "1 to 15 characters"),
+        (["--bridge", "br 0"], "no '/', ':' or white space"),
+        (["--bridge", ""], "1 to 15 characters"),
+        (["--timeout", "0"], "more than 0"),
+        (["--timeout", "-3"], "more than 0"),
+        (["--timeout", "nan"], "more than 0"),
+        (["--timeout", "soon"], "invalid float value"),
+        (["--probe", "icmp:gateway"], "is not an IP address"),
+        (["--probe", "tcp:198.18.0.1"], "expected tcp:ADDR:PORT"),
+        (["--probe", "tcp:198.18.0.1:70000"], "port must be 1-65535"),
+        (["--probe", "tcp:2001:db8::1:22"], "brackets"),
+        (["--probe", "udp:198.18.0.1:53"], "expected icmp:ADDR or tcp:ADDR:PORT"),
+        (["--frobnicate"], "unrecognized arguments"),
+    ],
+)
+def test_input_errors_exit_2_and_change_nothing(
+    lab: Lab, agent: Agent, args: list[str], message: str
+) -> None:
+    before = read_view(lab.host_ns)
+    run = agent("apply", *args)
+    assert run.code == 2, (run.stdout, run.stderr)
+    assert message in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+    assert not agent.state_dir.exists()
+
+
+def test_plan_needs_no_root_and_changes_nothing(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    run = lab.run(
+        lab.host_ns,
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *agent.argv("plan")],
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "set eth0 master br0" in run.stdout and "undo: set eth0 nomaster" in run.stdout
+    assert_unchanged(before, read_view(lab.host_ns))
+    assert os.path.exists(agent.state_dir) is False
+
+
+def test_rollback_keeps_remaining_lifetimes(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(
+        lab.host_ns,
+        ["addr add 198.18.0.12/24 dev eth0 valid_lft 600 preferred_lft 300"],
+    )
+    before = read_view(lab.host_ns)
+    lab.kill_gateway("addr")
+    started = time.monotonic()
+    assert agent("apply", "--timeout", "2").code == 4
+    elapsed = time.monotonic() - started
+    assert_unchanged(before, read_view(lab.host_ns))
+    valid, preferred = _lifetimes(lab, "198.18.0.12")
+    assert 600 - elapsed - 2 <= valid <= 600
+    assert 300 - elapsed - 2 <= preferred <= 300
+
+
+def test_link_local_ipv6_gateway(lab: Lab, agent: Agent) -> None:
+    gateway = _link_local(lab, lab.lan_ns, lab.lan_bridge)
+    lab.ip_batch(lab.host_ns, [f"route replace default via {gateway} dev eth0"])
+    run = agent("apply", "--timeout", "5")
+    assert run.code == 0, run.stdout + run.stderr
+    assert f"icmp:{gateway} from {lab.addrs.host_v6} on br0: answered" in run.stdout
+    lab.wait_reachable(lab.far_ns, [lab.addrs.host_v6], timeout=3)
+
+
+def _lifetimes(lab: Lab, address: str) -> tuple[int, int]:
+    with IPRoute(netns=lab.host_ns, flags=0) as ipr:
+        (msg,) = [m for m in ipr.get_addr() if m.get("IFA_LOCAL") == address]
+        cache = msg.get("IFA_CACHEINFO")
+        return cache["ifa_valid"], cache["ifa_preferred"]
+
+
+def _link_local(lab: Lab, ns: str, dev: str) -> str:
+    with IPRoute(netns=ns, flags=0) as ipr:
+        (index,) = ipr.link_lookup(ifname=dev)
+        return next(
+            m.get("IFA_ADDRESS")
+            for m in ipr.get_addr(family=10, index=index)
+            if m.get("IFA_ADDRESS").startswith("fe80")
+        )
