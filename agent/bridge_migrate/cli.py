@@ -27,7 +27,7 @@ STATE_DIR_ENV = "BRIDGE_MIGRATE_STATE_DIR"
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(f"bridge-migrate: {message}; nothing was changed", file=sys.stderr)
+        print(f"bridge-migrate: {message}. Nothing was changed", file=sys.stderr)
         sys.exit(ExitCode.USAGE)
 
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Failure as e:
         return _fail(report, e.code, e.message, e.hint)
     except StoreError as e:
-        return _fail(report, ExitCode.REFUSED, str(e.strerror), "nothing was changed")
+        return _fail(report, ExitCode.REFUSED, str(e.strerror), "")
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         return _fail(report, ExitCode.INTERNAL, f"internal error: {e!r}", "")
@@ -156,7 +156,7 @@ def _describe(tx: Transaction) -> list[str]:
 
 def _fail(report: Report, code: ExitCode, message: str, hint: str) -> int:
     text = f"{message}. {hint}" if hint else message
-    if code in (ExitCode.USAGE, ExitCode.REFUSED) and "nothing was changed" not in text:
+    if code in (ExitCode.USAGE, ExitCode.REFUSED):
         text += ". Nothing was changed"
     if report.as_json:
         report.finish(code, "error", text)

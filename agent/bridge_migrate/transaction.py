@@ -69,7 +69,7 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     started = time.perf_counter()
     problems = refusals(state, req.bridge, unsupported_routes(ipr, nic))
     if problems:
-        raise Refused("; ".join(problems), "nothing was changed")
+        raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge)
     probes = (*gateway_probes(state, req.bridge), *req.probes)
     if not probes:
