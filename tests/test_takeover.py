@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import time
@@ -372,3 +373,22 @@ def _link_local(lab: Lab, ns: str, dev: str) -> str:
             for m in ipr.get_addr(family=10, index=index)
             if m.get("IFA_ADDRESS").startswith("fe80")
         )
+
+
+def test_change_during_the_trial_that_rollback_cannot_undo_exits_5(lab: Lab, agent: Agent) -> None:
+    lab.kill_gateway("addr")
+    proc = agent.popen("apply", "--timeout", "3", "--json")
+    _wait_for_phase(agent.state_dir, "verifying", proc)
+    # Someone else configures eth0 while the agent waits for the gateway.
+    lab.ip_batch(lab.host_ns, ["addr add 198.18.0.99/24 dev eth0"])
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 5, out + err
+    doc = json.loads(out)
+    assert doc["result"] == "rollback incomplete"
+    assert any("198.18.0.99/24 should not be there" in d for d in doc["differences"])
+    status = agent("status")
+    assert "rollback-incomplete" in status.stdout and "198.18.0.99" in status.stdout
+    refused = agent("apply")
+    assert refused.code == 3 and "rollback-incomplete" in refused.stderr
+    after = read_view(lab.host_ns)
+    assert after.link("br0") is None and "198.18.0.10" in after.addresses_on("eth0")

@@ -119,7 +119,15 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
     if prepared is None:
         report.finish(ExitCode.OK, "already migrated", "nothing to do")
         return ExitCode.OK
-    plan = prepared.plan
+    plan, state = prepared.plan, prepared.snapshot
+    nic = plan.nic
+    for what, items in (
+        ("address", state.addresses_on(nic)),
+        ("route", state.routes_on(nic)),
+        ("neighbour", state.neighbours_on(nic)),
+    ):
+        for item in items:
+            report.note(f"read    {what} {item}")
     steps = [("prepare", plan.prepare), *((f"{i:>7}", s) for i, s in enumerate(plan.batch, 1))]
     for label, step in steps:
         report.note(f"{label} {step.do!s:<60}  undo: {step.undo}")

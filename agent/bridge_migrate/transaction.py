@@ -23,7 +23,7 @@ from .plan import Plan, Step, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .record import Phase, Store, Transaction
 from .report import Report
-from .rollback import RestoreResult, restore
+from .rollback import restore
 from .simulate import simulate
 from .snapshot import read_host, read_links, unsupported_routes
 from .verify import Probe, gateway_probes, run_probes
@@ -103,115 +103,7 @@ def apply(req: ApplyRequest, store: Store, report: Report) -> ExitCode:
                 detail="",
             )
             store.save(tx)
-            return _run(ipr, tx, prepared, req.timeout, store, report)
-
-
-def _run(
-    ipr: IPRoute, tx: Transaction, p: Prepared, timeout: float, store: Store, report: Report
-) -> ExitCode:
-    born = time.monotonic()
-    with _signal_guard() as guard:
-        try:
-            _take_over(ipr, tx, p, store, report)
-            _verify(p, born + timeout, timeout, report)
-        except Exception as e:
-            guard.armed = False  # a rollback, once started, runs to its end
-            # Interrupted or surprised, we do not know what was done: undo every step (each
-            # inverse tolerates finding its work already done).
-            done = e.done if isinstance(e, StepFailed) else p.plan.steps
-            code = ExitCode.INTERNAL if _is_bug(e) else ExitCode.ROLLED_BACK
-            age = time.monotonic() - born
-            return _roll_back(ipr, tx, done, age, store, report, str(e), code)
-        guard.armed = False
-        store.save(tx.at(Phase.COMMITTED, time.time(), "verified"))
-    report.finish(ExitCode.OK, "migrated", f"{p.plan.nic} -> {p.plan.bridge}, verified")
-    return ExitCode.OK
-
-
-def _is_bug(e: Exception) -> bool:
-    return not isinstance(e, StepFailed | Interrupted | OSError)
-
-
-def _verify(p: Prepared, deadline: float, timeout: float, report: Report) -> None:
-    started = time.perf_counter()
-    results = run_probes(p.probes, deadline)
-    for r in results:
-        answer = "answered" if r.ok else "no answer"
-        report.note(f"{r.probe}: {answer} after {r.attempts} attempt(s), {r.seconds * 1000:.1f} ms")
-    missing = [str(r.probe) for r in results if not r.ok]
-    if missing:
-        report.phase("verify", started, "no answer from " + ", ".join(missing))
-        raise StepFailed(f"not verified within {timeout:g} s: {', '.join(missing)}", p.plan.steps)
-    report.phase("verify", started, "every probe answered")
-
-
-def _take_over(ipr: IPRoute, tx: Transaction, p: Prepared, store: Store, report: Report) -> None:
-    """Create the bridge, send the batch, check the host against the plan."""
-    plan = p.plan
-    started = time.perf_counter()
-    created = send_batch([plan.prepare.do], _resolver(ipr))
-    if not created.ok:
-        raise StepFailed(created.outcomes[0].describe(), ())
-    report.phase("bridge", started, str(plan.prepare.do))
-    done: tuple[Step, ...] = (plan.prepare,)
-    store.save(tx.at(Phase.APPLYING, time.time()))
-    started = time.perf_counter()
-    result = send_batch([s.do for s in plan.batch], _resolver(ipr))
-    done += tuple(s for s, o in zip(plan.batch, result.outcomes, strict=True) if o.ok)
-    acked = f"{len(result.done)}/{len(plan.batch)} acknowledged in {result.seconds * 1000:.2f} ms"
-    report.phase("batch", started, acked)
-    if not result.ok:
-        raise StepFailed("; ".join(o.describe() for o in result.failures), done)
-    started = time.perf_counter()
-    diff = differences(p.desired, read_host(ipr, plan.nic, plan.bridge))
-    report.phase("check", started, "host matches the plan" if not diff else "; ".join(diff))
-    if diff:
-        raise StepFailed("host does not match the plan: " + "; ".join(diff), done)
-    store.save(tx.at(Phase.VERIFYING, time.time()))
-
-
-def _roll_back(
-    ipr: IPRoute,
-    tx: Transaction,
-    done: tuple[Step, ...],
-    age: float,
-    store: Store,
-    report: Report,
-    why: str,
-    code: ExitCode,
-) -> ExitCode:
-    store.save(tx.at(Phase.ROLLING_BACK, time.time(), why))
-    result = _restore_and_record(ipr, tx, done, age, store, report, why)
-    if not result.complete:
-        report.finish(ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why)
-        return ExitCode.ROLLBACK_INCOMPLETE
-    report.finish(code, "rolled back", f"{why}; host restored to its snapshot")
-    return code
-
-
-def _restore_and_record(
-    ipr: IPRoute,
-    tx: Transaction,
-    done: tuple[Step, ...],
-    age: float,
-    store: Store,
-    report: Report,
-    why: str,
-) -> RestoreResult:
-    started = time.perf_counter()
-    result = restore(ipr, tx.plan, tx.snapshot, done, age)
-    lines = [*(o.describe() for o in result.failures), *result.differences]
-    report.attach("differences", lines)
-    for line in lines:
-        report.note(line)
-    undone = (
-        f"{len(result.batch.outcomes)} inverse operations in {result.batch.seconds * 1000:.2f} ms"
-    )
-    verdict = "host equals snapshot" if result.complete else f"{len(lines)} difference(s) left"
-    report.phase("rollback", started, f"{undone}; {verdict}")
-    phase = Phase.ROLLED_BACK if result.complete else Phase.ROLLBACK_INCOMPLETE
-    store.save(tx.at(phase, time.time(), why if result.complete else "; ".join(lines)))
-    return result
+            return _Run(ipr, store, report, tx).apply(prepared, req.timeout)
 
 
 def rollback(store: Store, report: Report) -> ExitCode:
@@ -225,21 +117,108 @@ def rollback(store: Store, report: Report) -> ExitCode:
             report.finish(ExitCode.OK, "nothing to do", f"transaction {tx.id} was rolled back")
             return ExitCode.OK
         with IPRoute() as ipr, _signal_guard(armed=False):
-            store.save(tx.at(Phase.ROLLING_BACK, time.time(), "rollback requested"))
-            result = _restore_and_record(
-                ipr,
-                tx,
-                tx.plan.steps,
-                time.time() - tx.started,
-                store,
-                report,
-                "rollback requested",
+            # Where the agent stopped is unknown: undo every step (each inverse tolerates
+            # finding its work already done).
+            return _Run(ipr, store, report, tx).roll_back(
+                tx.plan.steps, "rollback requested", ExitCode.OK
             )
-    if not result.complete:
-        report.finish(ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete")
-        return ExitCode.ROLLBACK_INCOMPLETE
-    report.finish(ExitCode.OK, "rolled back", f"transaction {tx.id}: host restored to its snapshot")
-    return ExitCode.OK
+
+
+class _Run:
+    """One transaction under way: the kernel, the record and the report, kept in step."""
+
+    def __init__(self, ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> None:
+        self.ipr, self.store, self.report, self.tx = ipr, store, report, tx
+
+    def mark(self, phase: Phase, detail: str = "") -> None:
+        self.tx = self.tx.at(phase, time.time(), detail)
+        self.store.save(self.tx)
+
+    def apply(self, p: Prepared, timeout: float) -> ExitCode:
+        with _signal_guard() as guard:
+            try:
+                self.take_over(p)
+                self.verify(p, time.monotonic() + timeout, timeout)
+            except Exception as e:
+                guard.armed = False  # a rollback, once started, runs to its end
+                # Interrupted or surprised, we do not know what was done: undo every step.
+                done = e.done if isinstance(e, StepFailed) else p.plan.steps
+                code = ExitCode.INTERNAL if _is_bug(e) else ExitCode.ROLLED_BACK
+                return self.roll_back(done, str(e), code)
+            guard.armed = False
+            self.mark(Phase.COMMITTED, "verified")
+        self.report.finish(ExitCode.OK, "migrated", f"{p.plan.nic} -> {p.plan.bridge}, verified")
+        return ExitCode.OK
+
+    def take_over(self, p: Prepared) -> None:
+        """Create the bridge, send the batch, check the host against the plan."""
+        plan, report = p.plan, self.report
+        started = time.perf_counter()
+        created = send_batch([plan.prepare.do], _resolver(self.ipr))
+        if not created.ok:
+            raise StepFailed(created.outcomes[0].describe(), ())
+        report.phase("bridge", started, str(plan.prepare.do))
+        done: tuple[Step, ...] = (plan.prepare,)
+        self.mark(Phase.APPLYING)
+        started = time.perf_counter()
+        result = send_batch([s.do for s in plan.batch], _resolver(self.ipr))
+        done += tuple(s for s, o in zip(plan.batch, result.outcomes, strict=True) if o.ok)
+        ms = result.seconds * 1000
+        report.phase(
+            "batch", started, f"{len(result.done)}/{len(plan.batch)} acknowledged in {ms:.2f} ms"
+        )
+        if not result.ok:
+            raise StepFailed("; ".join(o.describe() for o in result.failures), done)
+        started = time.perf_counter()
+        diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
+        report.phase("check", started, "; ".join(diff) or "host matches the plan")
+        if diff:
+            raise StepFailed("host does not match the plan: " + "; ".join(diff), done)
+        self.mark(Phase.VERIFYING)
+
+    def verify(self, p: Prepared, deadline: float, timeout: float) -> None:
+        started = time.perf_counter()
+        results = run_probes(p.probes, deadline)
+        for r in results:
+            answer = "answered" if r.ok else "no answer"
+            ms = r.seconds * 1000
+            self.report.note(f"{r.probe}: {answer} after {r.attempts} attempt(s), {ms:.1f} ms")
+        missing = ", ".join(str(r.probe) for r in results if not r.ok)
+        self.report.phase(
+            "verify", started, f"no answer from {missing}" if missing else "every probe answered"
+        )
+        if missing:
+            raise StepFailed(f"not verified within {timeout:g} s: {missing}", p.plan.steps)
+
+    def roll_back(self, done: tuple[Step, ...], why: str, code: ExitCode) -> ExitCode:
+        """Undo `done`, compare with the snapshot, record and report the outcome."""
+        self.mark(Phase.ROLLING_BACK, why)
+        started = time.perf_counter()
+        result = restore(self.ipr, self.tx.plan, self.tx.snapshot, done, self.age)
+        lines = [*(o.describe() for o in result.failures), *result.differences]
+        self.report.attach("differences", lines)
+        for line in lines:
+            self.report.note(line)
+        batch = result.batch
+        undone = f"{len(batch.outcomes)} inverse operations in {batch.seconds * 1000:.2f} ms"
+        verdict = "host equals snapshot" if result.complete else f"{len(lines)} difference(s) left"
+        self.report.phase("rollback", started, f"{undone}; {verdict}")
+        if not result.complete:
+            self.mark(Phase.ROLLBACK_INCOMPLETE, "; ".join(lines))
+            self.report.finish(ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why)
+            return ExitCode.ROLLBACK_INCOMPLETE
+        self.mark(Phase.ROLLED_BACK, why)
+        self.report.finish(code, "rolled back", f"{why}; host restored to its snapshot")
+        return code
+
+    @property
+    def age(self) -> float:
+        """Seconds since the snapshot: finite lifetimes have run down by this much."""
+        return time.time() - self.tx.started
+
+
+def _is_bug(e: Exception) -> bool:
+    return not isinstance(e, StepFailed | Interrupted | OSError)
 
 
 def _refuse_pending(tx: Transaction | None) -> None:
