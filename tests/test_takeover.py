@@ -208,15 +208,21 @@ def _prepare(lab: Lab, case: str) -> list[str]:
     extra = {
         "no-such-nic": [],
         "loopback": [],
-        "nic-is-bridge": ["link add brx type bridge", "link set brx up"],
+        "nic-is-bridge": [
+            "link add brx type bridge",
+            "link set brx addrgenmode none",
+            "link set brx up",
+        ],
         "nic-is-port": [
             "link add brp type bridge",
             "link add vp type veth peer name vp2",
             "link set vp master brp",
         ],
         "nic-down": ["link add vd type veth peer name vd2", "addr add 198.18.9.1/24 dev vd"],
-        "no-global-address": [
+        "no-global-address": [  # no link-local either: it would appear mid-test, after DAD
             "link add vn type veth peer name vn2",
+            "link set vn addrgenmode none",
+            "link set vn2 addrgenmode none",
             "link set vn up",
             "link set vn2 up",
         ],

@@ -13,15 +13,18 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from . import detach
+from .config import DEFAULT_PATH, Config, load_config, where
 from .errors import ExitCode, Failure, UsageError
 from .preflight import check_name, check_timeout
 from .record import Store, StoreError, Transaction
 from .report import Report
-from .transaction import ApplyRequest, apply, read_plan, rollback
-from .verify import ProbeSyntaxError, parse_probe
+from .transaction import ApplyRequest, apply, confirm, expire, read_plan, rollback
+from .verify import Probe, ProbeSyntaxError, parse_probe
 
-DEFAULT_STATE_DIR = "/run/bridge-migrate"
+DEFAULT_STATE_DIR = "/var/lib/bridge-migrate"  # survives a reboot: the boot unit reads it
 STATE_DIR_ENV = "BRIDGE_MIGRATE_STATE_DIR"
+CONFIG_ENV = "BRIDGE_MIGRATE_CONFIG"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,34 +46,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR)),
         help=f"transaction record and lock (default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"configuration file (default: ${CONFIG_ENV} or {DEFAULT_PATH}, if it exists)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, text in (
         ("plan", "show what was read and the operations, with their inverses; change nothing"),
         ("apply", "take over: one netlink batch, verify, commit or roll back"),
+        ("boot", "what the boot-time unit runs: apply, unless a restart interrupted the last one"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--nic", help="the NIC to take over (default: the default route's)")
-        sub.add_argument("--bridge", default="br0", help="the bridge to create (default: br0)")
-        if name == "apply":
+        sub.add_argument("--bridge", help="the bridge to create (default: br0)")
+        if name != "plan":
             sub.add_argument(
                 "--timeout",
                 type=float,
-                default=10.0,
                 help="seconds for the gateway to answer before rolling back (default: 10)",
             )
             sub.add_argument(
                 "--probe",
                 action="append",
-                default=[],
                 metavar="TARGET",
                 help="also require icmp:ADDR or tcp:ADDR:PORT to answer (repeatable)",
             )
+            sub.add_argument(
+                "--confirm-within",
+                type=float,
+                metavar="S",
+                help="after verifying, roll back in S seconds unless `confirm` is run",
+            )
         sub.add_argument("--json", action="store_true", help="print one JSON document")
     for name, text in (
+        ("confirm", "commit the transaction that waits for confirmation"),
         ("rollback", "restore the snapshot of the recorded transaction"),
         ("status", "show the recorded transaction"),
+        ("expire", "what the dead man runs: roll transaction ID back if it is still pending"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
+        if name == "expire":
+            sub.add_argument("transaction", metavar="ID")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
@@ -80,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(as_json=args.json)
     store = Store(args.state_dir)
     try:
+        if args.command == "apply" and detach.wanted():
+            request = _request(args)  # bad input is refused here, before any unit starts
+            return detach.run_as_unit(_unit_argv(args, request))
         return int(_dispatch(args, store, report))
     except Failure as e:
         return _fail(report, e.code, e.message, e.hint)
@@ -91,26 +112,76 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, store: Store, report: Report) -> ExitCode:
-    if args.command == "plan":
-        return _plan(_request(args), report)
-    if args.command == "apply":
-        return apply(_request(args), store, report)
-    if args.command == "rollback":
-        return rollback(store, report)
+    match args.command:
+        case "plan":
+            return _plan(_request(args), report)
+        case "apply" | "boot":
+            return apply(_request(args), store, report, at_boot=args.command == "boot")
+        case "confirm":
+            return confirm(store, report)
+        case "rollback":
+            return rollback(store, report)
+        case "expire":
+            return expire(store, report, args.transaction)
     return _status(store, report)
 
 
 def _request(args: argparse.Namespace) -> ApplyRequest:
-    if args.nic is not None:
-        check_name("--nic", args.nic)
-    check_name("--bridge", args.bridge)
-    timeout = getattr(args, "timeout", 10.0)
-    check_timeout(timeout)
+    """Flags over the configuration file over defaults; every value checked, and a bad one
+    named by where it came from."""
+    path = args.config or Path(os.environ.get(CONFIG_ENV, DEFAULT_PATH))
+    config = load_config(path, required=args.config is not None)
+
+    def source(key: str, flag: str, given: object) -> str:
+        return flag if given is not None else where(path, key)
+
+    nic = args.nic if args.nic is not None else config.nic
+    if nic is not None:
+        check_name(source("nic", "--nic", args.nic), nic)
+    bridge = next(b for b in (args.bridge, config.bridge, "br0") if b is not None)
+    check_name(source("bridge", "--bridge", args.bridge), bridge)
+    timeout = _pick(getattr(args, "timeout", None), config.timeout, 10.0) or 0.0
+    check_timeout(source("timeout", "--timeout", getattr(args, "timeout", None)), timeout)
+    confirm_within = _pick(getattr(args, "confirm_within", None), config.confirm_within, None)
+    if confirm_within is not None:
+        flag = getattr(args, "confirm_within", None)
+        check_timeout(source("confirm_within", "--confirm-within", flag), confirm_within)
+    return ApplyRequest(
+        nic=nic,
+        bridge=bridge,
+        timeout=timeout,
+        probes=_probes(args, config, path),
+        confirm_within=confirm_within,
+    )
+
+
+def _pick(flag: float | None, configured: float | None, default: float | None) -> float | None:
+    return flag if flag is not None else configured if configured is not None else default
+
+
+def _probes(args: argparse.Namespace, config: Config, path: Path) -> tuple[Probe, ...]:
+    given = getattr(args, "probe", None)
+    texts = given if given is not None else list(config.probes)
+    what = "--probe" if given is not None else where(path, "probes")
     try:
-        probes = tuple(parse_probe(p) for p in getattr(args, "probe", []))
+        return tuple(parse_probe(p, what) for p in texts)
     except ProbeSyntaxError as e:
         raise UsageError(str(e)) from None
-    return ApplyRequest(nic=args.nic, bridge=args.bridge, timeout=timeout, probes=probes)
+
+
+def _unit_argv(args: argparse.Namespace, req: ApplyRequest) -> list[str]:
+    """The same apply, spelled out, for the unit (which has none of this shell's environment)."""
+    argv = ["--state-dir", str(args.state_dir.resolve()), "apply", "--bridge", req.bridge]
+    argv += ["--timeout", f"{req.timeout:g}"]
+    if req.nic:
+        argv += ["--nic", req.nic]
+    for probe in req.probes:
+        argv += ["--probe", probe.spec]
+    if req.confirm_within is not None:
+        argv += ["--confirm-within", f"{req.confirm_within:g}"]
+    if args.json:
+        argv.append("--json")
+    return argv
 
 
 def _plan(req: ApplyRequest, report: Report) -> ExitCode:
@@ -142,6 +213,7 @@ def _status(store: Store, report: Report) -> ExitCode:
         report.finish(ExitCode.OK, "no transaction", f"no record in {store.directory}")
         return ExitCode.OK
     report.attach("transaction", tx)
+    report.attach("seconds_left", tx.deadline - time.time() if tx.phase.pending else None)
     for line in _describe(tx):
         report.note(line)
     report.finish(ExitCode.OK, str(tx.phase), tx.detail)
@@ -158,7 +230,9 @@ def _describe(tx: Transaction) -> list[str]:
     ]
     if tx.phase.pending:
         left = tx.deadline - time.time()
-        lines.append(f"deadline {when(tx.deadline)} ({left:.1f} s left)")
+        lines.append(f"deadline {when(tx.deadline)} ({max(0.0, left):.1f} s left)")
+    if tx.dead_man:
+        lines.append(f"dead man: {tx.dead_man}.timer")
     return lines
 
 
@@ -169,5 +243,6 @@ def _fail(report: Report, code: ExitCode, message: str, hint: str) -> int:
     if report.as_json:
         report.finish(code, "error", text)
     else:
+        report.events.result(False, "error", text)
         print(f"bridge-migrate: {text}", file=sys.stderr)
     return int(code)

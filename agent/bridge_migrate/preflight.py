@@ -26,9 +26,9 @@ def check_name(what: str, name: str) -> None:
         raise UsageError(f"{what} {name!r}: use printable ASCII characters only")
 
 
-def check_timeout(seconds: float) -> None:
+def check_timeout(what: str, seconds: float) -> None:
     if not math.isfinite(seconds) or not 0 < seconds <= MAX_TIMEOUT:
-        raise UsageError(f"--timeout {seconds}: give seconds, more than 0 and at most 3600")
+        raise UsageError(f"{what} {seconds:g}: give seconds, more than 0 and at most 3600")
 
 
 def check_root() -> None:

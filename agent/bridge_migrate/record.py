@@ -29,15 +29,17 @@ class Phase(enum.StrEnum):
     PLANNED = "planned"  # snapshot taken, nothing changed yet
     APPLYING = "applying"  # the bridge exists; the batch is being sent
     VERIFYING = "verifying"  # the batch is in; probes are running
+    CONFIRMING = "confirming"  # verified; waiting for `bridge-migrate confirm`
     COMMITTED = "committed"
     ROLLING_BACK = "rolling-back"
     ROLLED_BACK = "rolled-back"
     ROLLBACK_INCOMPLETE = "rollback-incomplete"
+    INTERRUPTED = "interrupted"  # the machine restarted while the transaction was pending
 
     @property
     def pending(self) -> bool:
         """The host may be between two states: a new transaction must not start."""
-        return self not in (Phase.COMMITTED, Phase.ROLLED_BACK)
+        return self not in (Phase.COMMITTED, Phase.ROLLED_BACK, Phase.INTERRUPTED)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ class Transaction:
     pid: int
     started: float  # wall clock, seconds since the epoch
     updated: float
-    deadline: float  # wall clock: verification must succeed before this
+    boot_id: str  # the kernel's boot id: a pending record from another boot was interrupted
+    deadline: float  # wall clock: verification (or confirmation) must happen before this
+    dead_man: str | None  # the systemd timer that rolls back at the deadline, if armed
     snapshot: HostState
     plan: Plan
     probes: tuple[Probe, ...]
@@ -55,6 +59,14 @@ class Transaction:
 
     def at(self, phase: Phase, now: float, detail: str = "") -> Transaction:
         return replace(self, phase=phase, updated=now, detail=detail)
+
+    @property
+    def from_another_boot(self) -> bool:
+        return self.boot_id != current_boot_id()
+
+
+def current_boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 class StoreError(OSError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from . import serde
+from .events import Events
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,23 @@ class Report:
 
     as_json: bool
     out: TextIO = sys.stdout
+    events: Events = field(default_factory=Events)
     phases: list[PhaseRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def bind(self, **fields: str) -> None:
+        """Name the transaction, NIC and bridge in every later journal record."""
+        self.events.bind(**fields)
+
+    def ping(self) -> None:
+        """Still alive: for systemd's watchdog, if one is configured."""
+        self.events.ping()
 
     def phase(self, name: str, started: float, detail: str) -> None:
         """Record a phase that began at `started` (time.perf_counter()) and ends now."""
         record = PhaseRecord(name, (time.perf_counter() - started) * 1000, detail)
         self.phases.append(record)
+        self.events.phase(name, record.ms, detail)
         if not self.as_json:
             print(f"{name:<10} {record.ms:9.1f} ms  {detail}", file=self.out, flush=True)
 
@@ -43,6 +54,7 @@ class Report:
         self.extra[key] = serde.to_data(value)
 
     def finish(self, code: int, result: str, message: str = "") -> None:
+        self.events.result(code == 0, result, message)
         if self.as_json:
             doc = {
                 "result": result,

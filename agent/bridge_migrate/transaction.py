@@ -1,5 +1,6 @@
 """The pipeline: snapshot -> plan -> apply -> verify -> commit | rollback, with the record on disk
-updated at every phase, so that a rollback can always find what the host looked like."""
+updated at every phase, so that a rollback can always find what the host looked like, and a dead
+man armed before the first change, so that one happens even if this process dies."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, replace
 from types import FrameType
 
 from pyroute2 import IPRoute
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from . import deadman
 from .batch import send_batch
 from .compare import differences
 from .encode import Resolve
@@ -21,7 +24,7 @@ from .errors import ExitCode, Refused
 from .model import HostState
 from .plan import Plan, Step, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
-from .record import Phase, Store, Transaction
+from .record import Locked, Phase, Store, Transaction, current_boot_id
 from .report import Report
 from .rollback import restore
 from .simulate import simulate
@@ -35,6 +38,12 @@ class ApplyRequest:
     bridge: str
     timeout: float
     probes: tuple[Probe, ...]
+    confirm_within: float | None  # keep the change pending this long, until `confirm`
+
+
+# Test-only: the agent SIGKILLs itself at the step boundary this variable names.
+KILL_AT_ENV = "BRIDGE_MIGRATE_TEST_KILL_AT"
+_EXPIRE_LOCK_WAIT = 10.0  # the dead man waits this long for a live agent to let go
 
 
 @dataclass(frozen=True)
@@ -80,30 +89,57 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     return Prepared(state, plan, desired, probes)
 
 
-def apply(req: ApplyRequest, store: Store, report: Report) -> ExitCode:
+def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = False) -> ExitCode:
     check_root()
     with store.lock():
-        _refuse_pending(store.load())
+        _check_previous(store, report, at_boot)
         with IPRoute() as ipr:
             prepared = read_plan(ipr, req, report)
             if prepared is None:
                 report.finish(ExitCode.OK, "already migrated", "nothing to do")
                 return ExitCode.OK
-            now = time.time()
-            tx = Transaction(
-                id=uuid.uuid4().hex[:12],
-                phase=Phase.PLANNED,
-                pid=os.getpid(),
-                started=now,
-                updated=now,
-                deadline=now + req.timeout,
-                snapshot=prepared.snapshot,
-                plan=prepared.plan,
-                probes=prepared.probes,
-                detail="",
+            run = _Run(ipr, store, report, _arm_and_record(req, store, report, prepared))
+            code = run.apply(prepared, req.timeout, req.confirm_within)
+    if code == ExitCode.OK and run.tx.phase is Phase.CONFIRMING and run.tx.dead_man is None:
+        return _be_the_dead_man(store, report, run.tx)
+    return code
+
+
+def _arm_and_record(req: ApplyRequest, store: Store, report: Report, p: Prepared) -> Transaction:
+    """Arm the dead man, then write the record: if we die in between, it finds no transaction
+    of its id and does nothing; if arming fails, nothing has changed."""
+    tx_id = uuid.uuid4().hex[:12]
+    where = deadman.locate()
+    unit = None
+    if where.available:
+        try:
+            unit = deadman.arm(
+                where, tx_id, "deadline", req.timeout + deadman.GRACE, store.directory
             )
-            store.save(tx)
-            return _Run(ipr, store, report, tx).apply(prepared, req.timeout)
+        except deadman.DeadManError as e:
+            raise Refused(str(e)) from None
+        report.note(f"dead man armed: {unit}.timer rolls back unless the transaction ends")
+    else:
+        report.note(f"no independent dead man ({where.why_not}): this process keeps the deadline")
+    now = time.time()
+    tx = Transaction(
+        id=tx_id,
+        phase=Phase.PLANNED,
+        pid=os.getpid(),
+        started=now,
+        updated=now,
+        boot_id=current_boot_id(),
+        deadline=now + req.timeout,
+        dead_man=unit,
+        snapshot=p.snapshot,
+        plan=p.plan,
+        probes=p.probes,
+        detail="",
+    )
+    report.bind(transaction=tx.id, nic=p.plan.nic, bridge=p.plan.bridge)
+    store.save(tx)
+    _boundary("planned")
+    return tx
 
 
 def rollback(store: Store, report: Report) -> ExitCode:
@@ -113,15 +149,124 @@ def rollback(store: Store, report: Report) -> ExitCode:
         tx = store.load()
         if tx is None:
             raise Refused(f"nothing to roll back: no transaction record in {store.directory}")
-        if tx.phase is Phase.ROLLED_BACK:
-            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx.id} was rolled back")
+        if tx.phase in (Phase.ROLLED_BACK, Phase.INTERRUPTED):
+            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx.id} is {tx.phase}")
             return ExitCode.OK
-        with IPRoute() as ipr, _signal_guard(armed=False):
-            # Where the agent stopped is unknown: undo every step (each inverse tolerates
-            # finding its work already done).
-            return _Run(ipr, store, report, tx).roll_back(
-                tx.plan.steps, "rollback requested", ExitCode.OK
+        return _roll_back_recorded(store, report, tx, "rollback requested", ExitCode.OK)
+
+
+def expire(store: Store, report: Report, tx_id: str) -> ExitCode:
+    """What the dead man runs: roll transaction `tx_id` back if it is still pending."""
+    check_root()
+    with _lock_for_dead_man(store, tx_id):
+        tx = store.load()
+        if tx is None or tx.id != tx_id:
+            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is not recorded")
+            return ExitCode.OK
+        if not tx.phase.pending:
+            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is {tx.phase}")
+            return ExitCode.OK
+        report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
+        why = f"deadline passed while {tx.phase}"
+        return _roll_back_recorded(store, report, tx, why, ExitCode.ROLLED_BACK)
+
+
+def confirm(store: Store, report: Report) -> ExitCode:
+    """Commit a transaction that waits for confirmation (apply --confirm-within)."""
+    check_root()
+    with store.lock():
+        tx = store.load()
+        if tx is None or tx.phase is not Phase.CONFIRMING:
+            what = f"transaction {tx.id} is {tx.phase}" if tx else "no transaction recorded"
+            raise Refused(f"nothing to confirm: {what}")
+        if time.time() > tx.deadline:
+            raise Refused(
+                f"too late: the window for transaction {tx.id} has closed", "it is rolling back"
             )
+        tx = tx.at(Phase.COMMITTED, time.time(), "confirmed")
+        store.save(tx)
+        if tx.dead_man:
+            deadman.disarm(tx.dead_man)
+    report.finish(ExitCode.OK, "committed", f"transaction {tx.id} confirmed")
+    return ExitCode.OK
+
+
+def _roll_back_recorded(
+    store: Store, report: Report, tx: Transaction, why: str, code: ExitCode
+) -> ExitCode:
+    with IPRoute() as ipr, _signal_guard(armed=False):
+        # Where the agent stopped is unknown: undo every step (each inverse tolerates
+        # finding its work already done).
+        return _Run(ipr, store, report, tx).roll_back(tx.plan.steps, why, code)
+
+
+@contextmanager
+def _lock_for_dead_man(store: Store, tx_id: str) -> Iterator[None]:
+    """The lock, even from an agent that hangs past its deadline: that one is killed."""
+    with ExitStack() as stack:
+        for attempt in Retrying(
+            stop=stop_after_delay(_EXPIRE_LOCK_WAIT),
+            wait=wait_fixed(0.1),
+            retry=retry_if_exception_type(Locked),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 5:
+                    _kill_hung_agent(store, tx_id)
+                stack.enter_context(store.lock())
+        yield
+
+
+def _kill_hung_agent(store: Store, tx_id: str) -> None:
+    tx = store.load()
+    if tx is not None and tx.id == tx_id and time.time() > tx.deadline and tx.pid != os.getpid():
+        with suppress(ProcessLookupError):
+            os.kill(tx.pid, signal.SIGKILL)
+
+
+def _be_the_dead_man(store: Store, report: Report, tx: Transaction) -> ExitCode:
+    """No systemd: this process waits out the confirmation window, then expires the
+    transaction unless `bridge-migrate confirm` committed it. A signal ends the wait early."""
+    report.note("no systemd: this process is the dead man; keep it running")
+    with _signal_guard() as guard:
+        try:
+            while time.time() < tx.deadline:
+                current = store.load()
+                if current is None or current.id != tx.id or current.phase is not Phase.CONFIRMING:
+                    return ExitCode.OK
+                time.sleep(min(0.1, max(0.0, tx.deadline - time.time())))
+        except Interrupted:
+            pass
+        guard.armed = False
+    with store.lock():
+        current = store.load()
+        if current is None or current.id != tx.id or current.phase is not Phase.CONFIRMING:
+            return ExitCode.OK
+        return _roll_back_recorded(
+            store, report, current, "not confirmed in time", ExitCode.ROLLED_BACK
+        )
+
+
+def _check_previous(store: Store, report: Report, at_boot: bool) -> None:
+    """Refuse while a transaction is pending; after a restart in the middle of one, say so."""
+    tx = store.load()
+    if tx is None:
+        return
+    if tx.phase.pending and tx.from_another_boot:
+        tx = tx.at(Phase.INTERRUPTED, time.time(), f"the machine restarted while {tx.phase}")
+        store.save(tx)
+        report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
+        raise Refused(
+            f"the machine restarted during transaction {tx.id} ({tx.detail}); "
+            f"the host is on its NIC configuration",
+            "find out why, then run `bridge-migrate apply` to try again",
+        )
+    if at_boot and tx.phase is Phase.INTERRUPTED:
+        raise Refused(
+            f"transaction {tx.id} was interrupted by a restart ({tx.detail}); not retrying at boot",
+            "run `bridge-migrate apply` by hand to try again",
+        )
+    _refuse_pending(tx)
 
 
 class _Run:
@@ -130,11 +275,11 @@ class _Run:
     def __init__(self, ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> None:
         self.ipr, self.store, self.report, self.tx = ipr, store, report, tx
 
-    def mark(self, phase: Phase, detail: str = "") -> None:
-        self.tx = self.tx.at(phase, time.time(), detail)
+    def mark(self, phase: Phase, detail: str = "", **changes: object) -> None:
+        self.tx = replace(self.tx.at(phase, time.time(), detail), **changes)  # type: ignore[arg-type]
         self.store.save(self.tx)
 
-    def apply(self, p: Prepared, timeout: float) -> ExitCode:
+    def apply(self, p: Prepared, timeout: float, confirm_within: float | None) -> ExitCode:
         with _signal_guard() as guard:
             try:
                 self.take_over(p)
@@ -146,9 +291,36 @@ class _Run:
                 code = ExitCode.INTERNAL if _is_bug(e) else ExitCode.ROLLED_BACK
                 return self.roll_back(done, str(e), code)
             guard.armed = False
+            if confirm_within is not None:
+                return self.await_confirmation(confirm_within)
             self.mark(Phase.COMMITTED, "verified")
+            _boundary("committed")
+            self.disarm()
         self.report.finish(ExitCode.OK, "migrated", f"{p.plan.nic} -> {p.plan.bridge}, verified")
         return ExitCode.OK
+
+    def await_confirmation(self, seconds: float) -> ExitCode:
+        """Hand the deadline to a dead man for the window (make before break), then return."""
+        old, unit = self.tx.dead_man, None
+        if old is not None:
+            where = deadman.locate()
+            unit = deadman.arm(where, self.tx.id, "confirm", seconds, self.store.directory)
+        self.mark(Phase.CONFIRMING, "verified", deadline=time.time() + seconds, dead_man=unit)
+        if old is not None:
+            deadman.disarm(old)
+        self.report.finish(
+            ExitCode.OK,
+            "verified, waiting for confirmation",
+            f"run `bridge-migrate confirm` within {seconds:g} s, or the host is rolled back",
+        )
+        return ExitCode.OK
+
+    def disarm(self) -> None:
+        if self.tx.dead_man is not None:
+            try:
+                deadman.disarm(self.tx.dead_man)
+            except deadman.DeadManError as e:  # it will fire, find the transaction over, and stop
+                self.report.note(str(e))
 
     def take_over(self, p: Prepared) -> None:
         """Create the bridge, send the batch, check the host against the plan."""
@@ -158,15 +330,17 @@ class _Run:
         if not created.ok:
             raise StepFailed(created.outcomes[0].describe(), ())
         report.phase("bridge", started, str(plan.prepare.do))
+        _boundary("bridge")
         done: tuple[Step, ...] = (plan.prepare,)
         self.mark(Phase.APPLYING)
+        _boundary("applying")
         started = time.perf_counter()
         result = send_batch([s.do for s in plan.batch], _resolver(self.ipr))
         done += tuple(s for s, o in zip(plan.batch, result.outcomes, strict=True) if o.ok)
         ms = result.seconds * 1000
-        report.phase(
-            "batch", started, f"{len(result.done)}/{len(plan.batch)} acknowledged in {ms:.2f} ms"
-        )
+        acked = f"{len(result.done)}/{len(plan.batch)} acknowledged in {ms:.2f} ms"
+        report.phase("batch", started, acked)
+        _boundary("batch")
         if not result.ok:
             raise StepFailed("; ".join(o.describe() for o in result.failures), done)
         started = time.perf_counter()
@@ -175,20 +349,21 @@ class _Run:
         if diff:
             raise StepFailed("host does not match the plan: " + "; ".join(diff), done)
         self.mark(Phase.VERIFYING)
+        _boundary("verifying")
 
     def verify(self, p: Prepared, deadline: float, timeout: float) -> None:
         started = time.perf_counter()
-        results = run_probes(p.probes, deadline)
+        results = run_probes(p.probes, deadline, self.report.ping)
         for r in results:
             answer = "answered" if r.ok else "no answer"
             ms = r.seconds * 1000
             self.report.note(f"{r.probe}: {answer} after {r.attempts} attempt(s), {ms:.1f} ms")
         missing = ", ".join(str(r.probe) for r in results if not r.ok)
-        self.report.phase(
-            "verify", started, f"no answer from {missing}" if missing else "every probe answered"
-        )
+        summary = f"no answer from {missing}" if missing else "every probe answered"
+        self.report.phase("verify", started, summary)
         if missing:
             raise StepFailed(f"not verified within {timeout:g} s: {missing}", p.plan.steps)
+        _boundary("verified")
 
     def roll_back(self, done: tuple[Step, ...], why: str, code: ExitCode) -> ExitCode:
         """Undo `done`, compare with the snapshot, record and report the outcome."""
@@ -208,6 +383,7 @@ class _Run:
             self.report.finish(ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why)
             return ExitCode.ROLLBACK_INCOMPLETE
         self.mark(Phase.ROLLED_BACK, why)
+        self.disarm()
         self.report.finish(code, "rolled back", f"{why}; host restored to its snapshot")
         return code
 
@@ -219,6 +395,11 @@ class _Run:
 
 def _is_bug(e: Exception) -> bool:
     return not isinstance(e, StepFailed | Interrupted | OSError)
+
+
+def _boundary(name: str) -> None:
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _refuse_pending(tx: Transaction | None) -> None:

@@ -37,12 +37,16 @@ class Probe:
     source: str | None = None  # the address to ask from (gateway probes)
     dev: str | None = None  # the device to ask on (gateway probes)
 
-    def __str__(self) -> str:
-        where = f" from {self.source} on {self.dev}" if self.dev else ""
+    @property
+    def spec(self) -> str:
+        """As written on the command line."""
         if self.kind == "tcp":
             host = f"[{self.target}]" if ":" in self.target else self.target
             return f"tcp:{host}:{self.port}"
-        return f"{self.kind}:{self.target}{where}"
+        return f"{self.kind}:{self.target}"
+
+    def __str__(self) -> str:
+        return f"{self.spec} from {self.source} on {self.dev}" if self.dev else self.spec
 
 
 @dataclass(frozen=True)
@@ -57,30 +61,30 @@ class ProbeSyntaxError(ValueError):
     pass
 
 
-def parse_probe(text: str) -> Probe:
+def parse_probe(text: str, what: str = "--probe") -> Probe:
     """`icmp:ADDR` or `tcp:ADDR:PORT` (IPv6 in brackets for tcp: `tcp:[2001:db8::1]:22`)."""
     kind, _, rest = text.partition(":")
     if kind == "icmp":
-        return Probe("icmp", _parse_address(rest, text))
+        return Probe("icmp", _parse_address(rest, what, text))
     if kind == "tcp":
         host, sep, port = rest.rpartition(":")
         if not sep:
-            raise ProbeSyntaxError(f"--probe {text!r}: expected tcp:ADDR:PORT")
+            raise ProbeSyntaxError(f"{what} {text!r}: expected tcp:ADDR:PORT")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         elif ":" in host:
-            raise ProbeSyntaxError(f"--probe {text!r}: put an IPv6 address in brackets")
+            raise ProbeSyntaxError(f"{what} {text!r}: put an IPv6 address in brackets")
         if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ProbeSyntaxError(f"--probe {text!r}: port must be 1-65535")
-        return Probe("tcp", _parse_address(host, text), port=int(port))
-    raise ProbeSyntaxError(f"--probe {text!r}: expected icmp:ADDR or tcp:ADDR:PORT")
+            raise ProbeSyntaxError(f"{what} {text!r}: port must be 1-65535")
+        return Probe("tcp", _parse_address(host, what, text), port=int(port))
+    raise ProbeSyntaxError(f"{what} {text!r}: expected icmp:ADDR or tcp:ADDR:PORT")
 
 
-def _parse_address(value: str, text: str) -> str:
+def _parse_address(value: str, what: str, text: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ProbeSyntaxError(f"--probe {text!r}: {value!r} is not an IP address") from None
+        raise ProbeSyntaxError(f"{what} {text!r}: {value!r} is not an IP address") from None
 
 
 def gateway_probes(state: HostState, bridge: str) -> tuple[Probe, ...]:
@@ -113,21 +117,27 @@ def _source_for(gateway: str, addresses: tuple[Address, ...], family: int) -> st
     return candidates[0].address if candidates else None
 
 
-def run_probes(probes: tuple[Probe, ...], deadline: float) -> tuple[ProbeResult, ...]:
-    """Each probe retried until it answers or the monotonic `deadline` passes."""
+def run_probes(
+    probes: tuple[Probe, ...], deadline: float, on_attempt: Callable[[], None]
+) -> tuple[ProbeResult, ...]:
+    """Each probe retried until it answers or the monotonic `deadline` passes; `on_attempt`
+    is called before each try (a watchdog ping)."""
     started = time.monotonic()
     # Concurrently: one silent target must not eat the others' time.
     with ThreadPoolExecutor(max_workers=max(1, len(probes))) as pool:
-        return tuple(pool.map(lambda p: _run_until(p, started, deadline), probes))
+        return tuple(pool.map(lambda p: _run_until(p, started, deadline, on_attempt), probes))
 
 
-def _run_until(probe: Probe, started: float, deadline: float) -> ProbeResult:
+def _run_until(
+    probe: Probe, started: float, deadline: float, on_attempt: Callable[[], None]
+) -> ProbeResult:
     attempts = 0
     asker = _ASKERS[probe.kind](probe)
 
     def attempt() -> bool:
         nonlocal attempts
         attempts += 1
+        on_attempt()
         wait = max(0.001, min(_ATTEMPT_WAIT, deadline - time.monotonic()))
         try:
             return asker.ask(wait)

@@ -1,0 +1,72 @@
+"""Run `apply` from an interactive shell as its own systemd unit, and show its progress here.
+
+Over SSH the shell's session scope dies with the connection; a transaction in its own unit does
+not. This process only follows the unit's journal and passes on its exit code: a hang-up kills
+the follower, never the transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+from . import deadman
+
+_DRAIN = 1.0  # seconds to wait for the unit's last journal lines after it ended
+
+
+def wanted() -> bool:
+    """Interactive, under a systemd PID 1, and not already inside a unit."""
+    return (
+        sys.stdin.isatty()
+        and "INVOCATION_ID" not in os.environ
+        and deadman.locate().available
+        and os.path.exists("/run/systemd/journal/socket")
+    )
+
+
+def run_as_unit(argv: Sequence[str]) -> int:
+    """Run `bridge-migrate ARGV` as a transient service; stream its output; return its code."""
+    unit = f"bridge-migrate-apply-{uuid.uuid4().hex[:8]}"
+    command = [
+        "systemd-run",
+        "--quiet",
+        "--wait",
+        "--collect",
+        f"--unit={unit}",
+        "--description=bridge-migrate apply (started from a terminal)",
+        "--setenv=PYTHONUNBUFFERED=1",
+        "--property=Type=exec",
+    ]
+    netns = deadman.locate().netns_path
+    if netns:
+        command.append(f"--property=NetworkNamespacePath={netns}")
+    print(f"bridge-migrate: running as {unit}.service; a hang-up here does not stop it")
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(f"{unit}.service", stop), daemon=True)
+    follower.start()
+    done = subprocess.run([*command, "--", sys.executable, "-m", "bridge_migrate", *argv])
+    time.sleep(_DRAIN)
+    stop.set()
+    follower.join(timeout=_DRAIN)
+    return done.returncode
+
+
+def _follow(unit: str, stop: threading.Event) -> None:
+    from systemd import journal
+
+    reader = journal.Reader()
+    reader.this_boot()
+    reader.add_match(_SYSTEMD_UNIT=unit)
+    reader.seek_head()
+    while not stop.is_set():
+        for entry in reader:
+            # The agent's own journal records repeat its stdout: show stdout only.
+            if "BRIDGE_MIGRATE_PHASE" not in entry:
+                print(entry.get("MESSAGE", ""), flush=True)
+        reader.wait(0.1)
