@@ -141,10 +141,17 @@ class Lab:
     lan_bridge = "lan0"
 
     def __init__(
-        self, prefix: str | None = None, *, host_sysctls: Mapping[str, str | int] | None = None
+        self,
+        prefix: str | None = None,
+        *,
+        host_sysctls: Mapping[str, str | int] | None = None,
+        host_pid: int | None = None,
     ) -> None:
         """host_sysctls: set in the host namespace once eth0 exists, before it gets addresses
-        (e.g. {"net.ipv4.conf.eth0.promote_secondaries": 1} to try the systemd default)."""
+        (e.g. {"net.ipv4.conf.eth0.promote_secondaries": 1} to try the systemd default).
+        host_pid: use that process's network namespace as the host (`ip netns attach`), e.g.
+        a netlab.systemd.BootedHost's PID 1; the lab never kills processes there, and on close
+        only detaches the name. See plug_host/unplug_host for reboots."""
         prefix = prefix if prefix is not None else "bm" + secrets.token_hex(3)
         if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(f"bad lab prefix {prefix!r}")
@@ -157,6 +164,9 @@ class Lab:
         self._procs: list[subprocess.Popen[str]] = []
         self._extra_addrs = self._extra_routes = 0
         self._host_sysctls = dict(host_sysctls or {})
+        self._host_pid = host_pid
+        self._attached: set[str] = set()  # names of namespaces the lab attached, not made
+        self._proc_ns: dict[int, str] = {}  # id(proc) -> namespace it was started in
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -193,13 +203,17 @@ class Lab:
         atexit.unregister(self.close)
         failed = []
         for ns in reversed(self._created):
-            self._kill_all(ns)
+            if ns in self._attached:
+                self._kill_own(ns)  # never the processes of whoever owns that namespace
+            else:
+                self._kill_all(ns)
             done = subprocess.run(
                 [self._ip, "netns", "del", ns], capture_output=True, text=True, timeout=_CMD_TIMEOUT
             )
             if done.returncode != 0 and os.path.exists(self.netns_path(ns)):
                 failed.append(f"{ns}: {done.stderr.strip()}")
         self._created.clear()
+        self._attached.clear()
         for proc in self._procs:  # already killed above; reap them
             try:
                 proc.wait(timeout=2)
@@ -209,6 +223,7 @@ class Lab:
                 if pipe is not None:
                     pipe.close()
         self._procs.clear()
+        self._proc_ns.clear()
         if failed:
             log.error("netlab cleanup failed: %s", "; ".join(failed))
             if raise_errors:
@@ -230,6 +245,11 @@ class Lab:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.01)
         log.warning("processes still alive in %s after %d rounds", ns, _KILL_ROUNDS)
+
+    def _kill_own(self, ns: str) -> None:
+        for proc in self._procs:
+            if self._proc_ns.get(id(proc)) == ns and proc.poll() is None:
+                proc.kill()
 
     # -- running things inside the lab -------------------------------------------------------
 
@@ -267,6 +287,7 @@ class Lab:
         """Start argv inside ns (text mode); the lab kills and reaps it on exit at the latest."""
         proc: subprocess.Popen[str] = subprocess.Popen(self._argv(ns, argv), text=True, **kwargs)
         self._procs.append(proc)
+        self._proc_ns[id(proc)] = ns
         return proc
 
     def ip_batch(self, ns: str, lines: Sequence[str]) -> None:
@@ -316,6 +337,9 @@ class Lab:
 
     def _build(self) -> None:
         for ns in self.namespaces:
+            if ns == self.host_ns and self._host_pid is not None:
+                self._attach(ns, self._host_pid)
+                continue
             done = subprocess.run([self._ip, "netns", "add", ns], capture_output=True, text=True)
             if done.returncode != 0:  # e.g. the name is taken: never adopt (or delete) it
                 raise RuntimeError(f"ip netns add {ns} failed: {done.stderr.strip()}")
@@ -338,6 +362,46 @@ class Lab:
         self.ip_batch(self.peer_ns, self._leaf_config(a.peer_v4, a.peer_v6, a.gw_v4, a.gw_v6))
         self.ip_batch(self.far_ns, self._leaf_config(a.far_v4, a.far_v6, a.far_gw_v4, a.far_gw_v6))
         self.ip_batch(self.host_ns, self._host_config())
+
+    def _attach(self, ns: str, pid: int) -> None:
+        argv = [self._ip, "netns", "attach", ns, str(pid)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"ip netns attach {ns} {pid} failed: {done.stderr.strip()}")
+        self._created.append(ns)
+        self._attached.add(ns)
+
+    # -- a host that reboots (netlab.systemd) -----------------------------------------------
+
+    def unplug_host(self) -> None:
+        """Pull the host's cable and forget its namespace: the veth pair goes (the LAN sees the
+        port vanish) and the name is detached, so a powered-off boot's namespace is freed."""
+        if self.host_ns not in self._attached:
+            raise RuntimeError("unplug_host: the host namespace was not attached (host_pid)")
+        self._kill_own(self.host_ns)
+        self.run(self.lan_ns, [self._ip, "link", "del", "p-host"], timeout=_CMD_TIMEOUT)
+        argv = [self._ip, "netns", "del", self.host_ns]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=_CMD_TIMEOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"ip netns del {self.host_ns} failed: {done.stderr.strip()}")
+        self._created.remove(self.host_ns)
+        self._attached.discard(self.host_ns)
+
+    def plug_host(self, pid: int, *, timeout: float = 5.0) -> None:
+        """Make pid's network namespace the host (e.g. a fresh boot) with a new eth0 on the
+        LAN, configured as at build time; returns once the host reaches every lab address."""
+        if self.host_ns in self._created:
+            raise RuntimeError("plug_host: unplug the current host first")
+        self._attach(self.host_ns, pid)
+        self.sysctl(self.host_ns, self._sysctls(self.host_ns))
+        # Same ifindex (2) on both ends as at build time (see _build); p-host's old one is free.
+        nic = f"link add {self.nic} index 2 type veth peer name p-host netns {self.lan_ns} index 2"
+        self.ip_batch(self.host_ns, [nic])
+        br = self.lan_bridge
+        self.ip_batch(self.lan_ns, [f"link set p-host master {br}", "link set p-host up"])
+        self.sysctl(self.host_ns, {f"net.ipv6.conf.{self.nic}.accept_dad": 0, **self._host_sysctls})
+        self.ip_batch(self.host_ns, self._host_config())
+        self.wait_reachable(self.host_ns, self._ready_targets(), timeout=timeout)
 
     def _ready_targets(self) -> list[str]:
         a = self.addrs
