@@ -25,7 +25,9 @@ def assert_unchanged(before: HostView, after: HostView) -> None:
     assert after.links == before.links
     assert after.addresses == before.addresses  # order included
     assert after.routes == before.routes  # every table, kernel-made routes too
-    assert after.neighbours == before.neighbours
+    # Every entry is back; the kernel may have learned more from traffic since (dynamic ones).
+    assert before.neighbours <= after.neighbours
+    assert all(n[3] == 0 for n in after.neighbours - before.neighbours)
 
 
 def test_takeover_moves_everything_onto_the_bridge(lab: Lab, agent: Agent) -> None:

@@ -37,10 +37,13 @@ def locate() -> Where:
     if not os.path.isdir("/run/systemd/system"):
         return Where(False, None, "systemd is not PID 1 here")
     mine = os.stat("/proc/self/ns/net")
+    pid1: os.stat_result | None
     try:
         pid1 = os.stat("/proc/1/ns/net")
-    except OSError:
-        pid1 = None
+    except PermissionError:
+        # A hardened unit may not look at PID 1; systemd started it in its own namespace,
+        # unless the unit names another (then it is under /run/netns, found below).
+        pid1 = mine if "INVOCATION_ID" in os.environ else None
     if pid1 is not None and (pid1.st_dev, pid1.st_ino) == (mine.st_dev, mine.st_ino):
         return Where(True, None, "")
     for path in sorted(Path("/run/netns").glob("*")):

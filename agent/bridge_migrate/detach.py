@@ -66,7 +66,5 @@ def _follow(unit: str, stop: threading.Event) -> None:
     reader.seek_head()
     while not stop.is_set():
         for entry in reader:
-            # The agent's own journal records repeat its stdout: show stdout only.
-            if "BRIDGE_MIGRATE_PHASE" not in entry:
-                print(entry.get("MESSAGE", ""), flush=True)
+            print(entry.get("MESSAGE", ""), flush=True)
         reader.wait(0.1)

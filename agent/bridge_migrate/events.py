@@ -17,14 +17,15 @@ class Events:
         self.journal = os.path.exists(JOURNAL_SOCKET)
         self.notify_socket = os.environ.get("NOTIFY_SOCKET")
         self.watchdog = self.notify_socket is not None and _watchdog_is_ours()
+        self.stdout_is_journal = self.journal and _stdout_is_journal()
 
     def bind(self, **fields: str) -> None:
         """Fields sent with every later record (transaction id, NIC, bridge)."""
         self.fields.update({f"BRIDGE_MIGRATE_{k.upper()}": v for k, v in fields.items()})
 
-    def phase(self, name: str, ms: float, detail: str) -> None:
+    def phase(self, name: str, ms: float, detail: str, line: str) -> None:
         self._notify(f"STATUS={name}: {detail}")
-        self._log(f"{name}: {detail}", PHASE=name, DURATION_MS=f"{ms:.3f}")
+        self._log(line, PHASE=name, DURATION_MS=f"{ms:.3f}")
         self.ping()
 
     def result(self, ok: bool, result: str, message: str) -> None:
@@ -65,6 +66,15 @@ class Events:
         except OSError as e:
             print(f"bridge-migrate: journal unavailable: {e}", file=sys.stderr)
             self.journal = False
+
+
+def _stdout_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
 
 
 def _watchdog_is_ours() -> bool:

@@ -41,9 +41,14 @@ class Report:
         """Record a phase that began at `started` (time.perf_counter()) and ends now."""
         record = PhaseRecord(name, (time.perf_counter() - started) * 1000, detail)
         self.phases.append(record)
-        self.events.phase(name, record.ms, detail)
-        if not self.as_json:
-            print(f"{name:<10} {record.ms:9.1f} ms  {detail}", file=self.out, flush=True)
+        line = f"{name:<10} {record.ms:9.1f} ms  {detail}"
+        self.events.phase(name, record.ms, detail, line)
+        self._print(line)
+
+    def _print(self, line: str) -> None:
+        # Under systemd, stdout is the journal: the structured record already says it.
+        if not self.as_json and not self.events.stdout_is_journal:
+            print(line, file=self.out, flush=True)
 
     def note(self, line: str) -> None:
         if not self.as_json:
@@ -66,4 +71,4 @@ class Report:
             json.dump(doc, self.out, indent=1)
             print(file=self.out, flush=True)
         else:
-            print(f"{result}: {message}" if message else result, file=self.out, flush=True)
+            self._print(f"{result}: {message}" if message else result)

@@ -70,6 +70,7 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     """Snapshot and plan; None when the host is already migrated. Raises Refused."""
     started = time.perf_counter()
     nic = choose_nic(ipr, req.nic, req.bridge)
+    report.bind(nic=nic, bridge=req.bridge)
     state = read_host(ipr, nic, req.bridge)
     report.attach("snapshot", state)
     report.phase("snapshot", started, _summary(state))
@@ -91,6 +92,8 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
 
 def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = False) -> ExitCode:
     check_root()
+    tx_id = uuid.uuid4().hex[:12]
+    report.bind(transaction=tx_id)
     with store.lock():
         _check_previous(store, report, at_boot)
         with IPRoute() as ipr:
@@ -98,17 +101,19 @@ def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = Fa
             if prepared is None:
                 report.finish(ExitCode.OK, "already migrated", "nothing to do")
                 return ExitCode.OK
-            run = _Run(ipr, store, report, _arm_and_record(req, store, report, prepared))
+            tx = _arm_and_record(tx_id, req, store, report, prepared)
+            run = _Run(ipr, store, report, tx)
             code = run.apply(prepared, req.timeout, req.confirm_within)
     if code == ExitCode.OK and run.tx.phase is Phase.CONFIRMING and run.tx.dead_man is None:
         return _be_the_dead_man(store, report, run.tx)
     return code
 
 
-def _arm_and_record(req: ApplyRequest, store: Store, report: Report, p: Prepared) -> Transaction:
+def _arm_and_record(
+    tx_id: str, req: ApplyRequest, store: Store, report: Report, p: Prepared
+) -> Transaction:
     """Arm the dead man, then write the record: if we die in between, it finds no transaction
     of its id and does nothing; if arming fails, nothing has changed."""
-    tx_id = uuid.uuid4().hex[:12]
     where = deadman.locate()
     unit = None
     if where.available:
@@ -136,7 +141,6 @@ def _arm_and_record(req: ApplyRequest, store: Store, report: Report, p: Prepared
         probes=p.probes,
         detail="",
     )
-    report.bind(transaction=tx.id, nic=p.plan.nic, bridge=p.plan.bridge)
     store.save(tx)
     _boundary("planned")
     return tx

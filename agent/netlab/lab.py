@@ -164,6 +164,7 @@ class Lab:
         self._procs: list[subprocess.Popen[str]] = []
         self._extra_addrs = self._extra_routes = 0
         self._host_sysctls = dict(host_sysctls or {})
+        self._nic_mac = f"address {_random_mac()}"
         self._host_pid = host_pid
         self._attached: set[str] = set()  # names of namespaces the lab attached, not made
         self._proc_ns: dict[int, str] = {}  # id(proc) -> namespace it was started in
@@ -351,7 +352,8 @@ class Lab:
         # such carrier changes as non-urgent (batched, up to 1 s late). Measured: an admin flap
         # of p-host costs 0.5-1 s (6 ms with unequal ifindexes), one of host eth0 its own length.
         self.ip_batch(
-            self.host_ns, [f"link add {self.nic} type veth peer name p-host netns {self.lan_ns}"]
+            self.host_ns,
+            [f"link add {self.nic} {self._nic_mac} type veth peer name p-host netns {self.lan_ns}"],
         )
         self.ip_batch(self.lan_ns, self._lan_links())
         # DAD stays on in the host (a bridge made there sees real DAD) except on eth0, which
@@ -387,21 +389,27 @@ class Lab:
         self._created.remove(self.host_ns)
         self._attached.discard(self.host_ns)
 
-    def plug_host(self, pid: int, *, timeout: float = 5.0) -> None:
+    def plug_host(self, pid: int, *, timeout: float = 5.0, wait: bool = True) -> None:
         """Make pid's network namespace the host (e.g. a fresh boot) with a new eth0 on the
-        LAN, configured as at build time; returns once the host reaches every lab address."""
+        LAN, configured as at build time; returns once the host reaches every lab address
+        (unless not `wait`)."""
         if self.host_ns in self._created:
             raise RuntimeError("plug_host: unplug the current host first")
         self._attach(self.host_ns, pid)
         self.sysctl(self.host_ns, self._sysctls(self.host_ns))
         # Same ifindex (2) on both ends as at build time (see _build); p-host's old one is free.
-        nic = f"link add {self.nic} index 2 type veth peer name p-host netns {self.lan_ns} index 2"
+        # The same MAC as before, as a real NIC keeps it: the LAN's neighbour caches stay right.
+        nic = (
+            f"link add {self.nic} index 2 {self._nic_mac} type veth"
+            f" peer name p-host netns {self.lan_ns} index 2"
+        )
         self.ip_batch(self.host_ns, [nic])
         br = self.lan_bridge
         self.ip_batch(self.lan_ns, [f"link set p-host master {br}", "link set p-host up"])
         self.sysctl(self.host_ns, {f"net.ipv6.conf.{self.nic}.accept_dad": 0, **self._host_sysctls})
         self.ip_batch(self.host_ns, self._host_config())
-        self.wait_reachable(self.host_ns, self._ready_targets(), timeout=timeout)
+        if wait:
+            self.wait_reachable(self.host_ns, self._ready_targets(), timeout=timeout)
 
     def _ready_targets(self) -> list[str]:
         a = self.addrs

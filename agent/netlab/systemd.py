@@ -255,9 +255,16 @@ class BootedHost:
     """Context manager: a systemd booted to lab.target in new namespaces; removed on exit."""
 
     def __init__(
-        self, spec: BootSpec | None = None, *, boot_timeout: float = _BOOT_TIMEOUT
+        self,
+        spec: BootSpec | None = None,
+        *,
+        boot_timeout: float = _BOOT_TIMEOUT,
+        before_wait: Callable[[int], None] | None = None,
     ) -> None:
+        """before_wait(pid): called once PID 1 runs, before waiting for the boot to finish
+        (e.g. to plug in the NIC that units ordered before network.target wait for)."""
         self.spec = spec if spec is not None else BootSpec()
+        self.before_wait = before_wait
         _check_spec(self.spec)
         self.name = "nl" + secrets.token_hex(4)
         self.boot_timeout = boot_timeout
@@ -318,6 +325,8 @@ class BootedHost:
         self._cgroup.mkdir()
         self._proc = self._spawn()
         self._pid1 = self._wait_pid1(started + self.boot_timeout)
+        if self.before_wait is not None:
+            self.before_wait(self._pid1)
         self.state = self._wait_booted(started + self.boot_timeout)
         self.boot_seconds = time.monotonic() - started
         if self.state == "degraded":
@@ -632,12 +641,29 @@ class BootedLab:
         finally:  # also after a kill: the attach alone would keep the namespace alive
             self.lab.unplug_host()
 
-    def boot(self) -> BootedHost:
+    def boot(self, *, plug_first: bool = False) -> BootedHost:
+        """Boot again. plug_first: the NIC is there while the boot runs (as on a real machine),
+        so that units ordered after it can use it; the boot then does not wait for the host to
+        reach the LAN (its gateway may be dead on purpose)."""
         if self._host is not None:
             raise RuntimeError("the host is still running")
-        self._host = BootedHost(self.spec).__enter__()
-        self.lab.plug_host(self._host.pid)
+        if plug_first:
+            host = BootedHost(
+                self.spec, before_wait=lambda pid: self.lab.plug_host(pid, wait=False)
+            )
+            self._host = host.__enter__()
+        else:
+            self._host = BootedHost(self.spec).__enter__()
+            self.lab.plug_host(self._host.pid)
         return self._host
+
+    def crash(self) -> None:
+        """Power cut: every process of the boot is killed at once, nothing shuts down."""
+        host, self._host = self.host, None
+        try:
+            host.close()
+        finally:
+            self.lab.unplug_host()
 
     def reboot(self, timeout: float = 10.0) -> BootedHost:
         self.poweroff(timeout)

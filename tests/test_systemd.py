@@ -1,0 +1,312 @@
+"""bridge-migrate under a real systemd as PID 1 (netlab.systemd), with the lab's NIC: the units,
+the dead man, commit-confirmed, a terminal hang-up, and the boot-time unit across reboots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge_migrate.deadman import GRACE
+from bridge_migrate.transaction import KILL_AT_ENV
+from hostview import HostView, read_view
+from netlab.systemd import Bind, BootedLab, BootSpec
+from test_takeover import assert_unchanged
+
+pytestmark = pytest.mark.root
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = str(Path(sys.executable).with_name("bridge-migrate"))
+STATE = "/var/lib/bridge-migrate"
+TIMEOUT = 2.0
+SLACK = 6.0  # seconds a loaded machine may add to the dead man's start and rollback
+
+# Stands in for networking.service: the NIC is configured before network.target.
+LAB_NETWORK = """\
+[Unit]
+Description=lab: wait until the lab has plugged in and configured eth0
+Before=network.target
+Wants=network.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'for i in $(seq 200); do ip -6 route show default | grep -q . && \
+ip -4 route show default | grep -q . && exit 0; sleep 0.05; done; exit 1'
+"""
+
+
+def _units() -> dict[str, str]:
+    units = {p.name: p.read_text().replace("@BIN@", AGENT) for p in (ROOT / "units").iterdir()}
+    return {**units, "lab-network.service": LAB_NETWORK}
+
+
+class Host:
+    """A booted lab host with bridge-migrate installed, its /etc/bridge-migrate and state
+    directory kept on the machine (so they survive reboots and can be read from here)."""
+
+    def __init__(self, tmp_path: Path, requires: tuple[str, ...] = ()) -> None:
+        self.etc, self.state = tmp_path / "etc", tmp_path / "state"
+        self.etc.mkdir()
+        self.state.mkdir(mode=0o700)
+        binds = (Bind(self.etc, "/etc/bridge-migrate"), Bind(self.state, STATE))
+        self.spec = BootSpec(units=_units(), binds=binds, requires=requires)
+        self.booted = BootedLab(self.spec)
+
+    def agent(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self.booted.host.run([AGENT, *args], timeout=60, env=env)
+
+    def configure(self, text: str) -> None:
+        (self.etc / "bridge-migrate.toml").write_text(text)
+
+    def record(self) -> dict[str, Any] | None:
+        path = self.state / "transaction.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def phase(self) -> str | None:
+        record = self.record()
+        return record["phase"] if record else None
+
+    def wait_phase(self, phases: set[str], limit: float) -> str:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if (phase := self.phase()) in phases:
+                return phase
+            time.sleep(0.05)
+        raise TimeoutError(f"phase {self.phase()} after {limit} s, expected one of {phases}")
+
+    def view(self) -> HostView:
+        return read_view(self.booted.lab.host_ns)
+
+    def dead_man_journal(self) -> list[str]:
+        entries = self.booted.host.journal()
+        return [
+            f"{e.get('_SYSTEMD_UNIT', e.get('UNIT', ''))}: {e.get('MESSAGE', '')}"
+            for e in entries
+            if "bridge-migrate" in e.get("_SYSTEMD_UNIT", "") + e.get("UNIT", "")
+        ]
+
+    def timers(self) -> str:
+        done = self.booted.host.systemctl("list-timers", "--all", "--no-legend", "--no-pager")
+        return done.stdout
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    h = Host(tmp_path)
+    with h.booted:
+        yield h
+
+
+def assert_migrated(view: HostView) -> None:
+    assert view.link("eth0")[5] == "br0"  # type: ignore[index]
+    assert "198.18.0.10" in view.addresses_on("br0")
+    assert "2001:db8:0:1::10" in view.addresses_on("br0")
+    assert not [a for a in view.addresses_on("eth0") if not a.startswith("fe80")]
+
+
+def test_systemctl_start_migrates_with_status_and_journal_fields(host: Host) -> None:
+    host.configure('timeout = 5\nprobes = ["icmp:198.18.0.20"]\n')
+    started = host.booted.host.systemctl("start", "bridge-migrate")
+    assert started.returncode == 0, started.stderr
+    assert_migrated(host.view())
+    status = host.booted.host.systemctl("status", "--no-pager", "bridge-migrate").stdout
+    assert 'Status: "migrated: eth0 -> br0, verified"' in status
+    records = [
+        e for e in host.booted.host.journal("bridge-migrate.service") if "BRIDGE_MIGRATE_PHASE" in e
+    ]
+    phases = [e["BRIDGE_MIGRATE_PHASE"] for e in records]
+    assert phases == ["snapshot", "plan", "bridge", "batch", "check", "verify", "result"]
+    ids = {e["BRIDGE_MIGRATE_TRANSACTION"] for e in records}
+    assert len(ids) == 1 and ids == {host.record()["id"]}  # type: ignore[index]
+    assert {(e["BRIDGE_MIGRATE_NIC"], e["BRIDGE_MIGRATE_BRIDGE"]) for e in records} == {
+        ("eth0", "br0")
+    }
+    assert all(float(e["BRIDGE_MIGRATE_DURATION_MS"]) >= 0 for e in records[:-1])
+    assert "bridge-migrate-" not in host.timers()  # the dead man was disarmed
+    again = host.booted.host.systemctl("restart", "bridge-migrate")
+    assert again.returncode == 0  # already migrated: nothing to do, still READY
+
+
+BOUNDARIES = {
+    "planned": "rolled-back",
+    "bridge": "rolled-back",
+    "applying": "rolled-back",
+    "batch": "rolled-back",
+    "verifying": "rolled-back",
+    "verified": "rolled-back",
+    "committed": "committed",
+}
+
+
+@pytest.mark.parametrize("boundary", list(BOUNDARIES))
+def test_sigkill_at_every_step_boundary_ends_in_snapshot_or_migrated(
+    host: Host, boundary: str
+) -> None:
+    before = host.view()
+    run = host.agent("apply", "--timeout", str(TIMEOUT), env={KILL_AT_ENV: boundary})
+    assert run.returncode in (137, -9), run.stdout + run.stderr
+    killed = time.monotonic()
+    # The dead man fires at the deadline plus its grace; its rollback takes well under 1 s
+    # (the slack is for a loaded test machine).
+    try:
+        phase = host.wait_phase({"committed", "rolled-back"}, TIMEOUT + GRACE + SLACK)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; journal: {host.dead_man_journal()}") from None
+    if phase == "rolled-back":
+        assert time.monotonic() - killed <= TIMEOUT + GRACE + SLACK
+    assert phase == BOUNDARIES[boundary]
+    # A dead man the agent did not live to disarm still fires, and must change nothing.
+    _wait_for(lambda: "bridge-migrate-" not in host.timers(), TIMEOUT + GRACE + SLACK)
+    assert host.phase() == phase
+    after = host.view()
+    if phase == "committed":
+        assert_migrated(after)
+    else:
+        assert after.link("br0") is None
+        assert_unchanged(before, after)
+
+
+def _wait_for(condition: Callable[[], bool], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {limit} s")
+        time.sleep(0.1)
+
+
+def test_confirmed_from_a_second_shell_stays_migrated(host: Host) -> None:
+    run = host.agent("apply", "--timeout", "5", "--confirm-within", "4")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "waiting for confirmation" in run.stdout
+    status = host.agent("status").stdout
+    assert "confirming" in status and " s left)" in status
+    confirmed = host.agent("confirm")
+    assert confirmed.returncode == 0 and "committed" in confirmed.stdout
+    time.sleep(4 + GRACE)
+    assert host.phase() == "committed"
+    assert_migrated(host.view())
+    assert "bridge-migrate-" not in host.timers()
+    late = host.agent("confirm")
+    assert late.returncode == 3 and "nothing to confirm" in late.stderr
+
+
+def test_unconfirmed_change_is_rolled_back_at_the_end_of_the_window(host: Host) -> None:
+    before = host.view()
+    started = time.monotonic()
+    run = host.agent("apply", "--timeout", "5", "--confirm-within", "2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert_migrated(host.view())
+    status = host.agent("status", "--json")
+    assert 0 < json.loads(status.stdout)["seconds_left"] <= 2
+    assert host.wait_phase({"rolled-back"}, 6) == "rolled-back"
+    assert time.monotonic() - started >= 2
+    assert_unchanged(before, host.view())
+
+
+def test_terminal_hang_up_does_not_stop_the_transaction(host: Host) -> None:
+    lab, peer = host.booted.lab, host.booted.lab.addrs.peer_v4
+    # The extra probe answers only once a listener runs on the peer: the transaction waits
+    # in verification while we hang up its terminal.
+    command = f"{AGENT} apply --timeout 20 --probe tcp:{peer}:7"
+    terminal = host.booted.host.popen(
+        ["script", "-qec", command, "/dev/null"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        host.wait_phase({"verifying"}, 10)
+    finally:
+        os.killpg(terminal.pid, signal.SIGKILL)  # the SSH connection drops
+        terminal.wait(timeout=10)
+    assert host.phase() == "verifying"
+    listener = lab.popen(
+        lab.peer_ns,
+        [sys.executable, "-c", LISTEN, peer],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert host.wait_phase({"committed", "rolled-back"}, 15) == "committed"
+    finally:
+        listener.kill()
+    assert_migrated(host.view())
+    units = {e.get("_SYSTEMD_UNIT", "") for e in host.booted.host.journal()}
+    assert any(u.startswith("bridge-migrate-apply-") for u in units)
+
+
+LISTEN = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7)); s.listen(16); s.settimeout(30)
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    try:
+        s.accept()[0].close()
+    except TimeoutError:
+        break
+"""
+
+
+def test_boot_time_unit_across_reboots(tmp_path: Path) -> None:
+    h = Host(tmp_path)
+    h.configure(f"timeout = {TIMEOUT}\n")
+    with h.booted as booted:
+        booted.poweroff()
+        # From now on every boot runs the boot-time unit, the NIC plugged in as on a machine.
+        booted.spec = BootSpec(
+            units=h.spec.units,
+            binds=h.spec.binds,
+            requires=("lab-network.service", "bridge-migrate-boot.service"),
+        )
+
+        # 1. Boot: migrated.
+        host = booted.boot(plug_first=True)
+        assert host.show("bridge-migrate-boot.service", "ActiveState") == "active"
+        assert_migrated(h.view())
+        booted.poweroff()
+
+        # 2. Boot with a dead gateway: rolled back, on the NIC, reachable.
+        booted.lab.kill_gateway("addr")
+        host = booted.boot(plug_first=True)
+        assert host.show("bridge-migrate-boot.service", "Result") == "exit-code"
+        assert h.phase() == "rolled-back"
+        on_nic = h.view()
+        assert on_nic.link("br0") is None and "198.18.0.10" in on_nic.addresses_on("eth0")
+        booted.lab.wait_reachable(booted.lab.peer_ns, [booted.lab.addrs.host_v4], timeout=3)
+
+        # 3. The power fails in the middle of a trial; the next boot stays on the NIC and says so.
+        trial = host.popen(
+            [AGENT, "apply", "--timeout", "30"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        h.wait_phase({"verifying"}, 10)
+        booted.crash()
+        trial.wait(timeout=10)
+        host = booted.boot(plug_first=True)
+        assert host.show("bridge-migrate-boot.service", "Result") == "exit-code"
+        assert h.phase() == "interrupted"
+        on_nic = h.view()
+        assert on_nic.link("br0") is None and "198.18.0.10" in on_nic.addresses_on("eth0")
+        booted.lab.wait_reachable(booted.lab.peer_ns, [booted.lab.addrs.host_v4], timeout=3)
+        messages = [e.get("MESSAGE", "") for e in host.journal("bridge-migrate-boot.service")]
+        assert any("the machine restarted during transaction" in m for m in messages), messages
+
+        # 4. Not retried blindly: the next boot still refuses, until an admin runs apply.
+        booted.poweroff()
+        host = booted.boot(plug_first=True)
+        messages = [e.get("MESSAGE", "") for e in host.journal("bridge-migrate-boot.service")]
+        assert any("not retrying at boot" in m for m in messages), messages
+        assert h.phase() == "interrupted"
