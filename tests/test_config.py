@@ -85,3 +85,15 @@ def test_bad_settings_are_refused_with_their_place(tmp_path: Path, text: str, me
     with pytest.raises(UsageError) as error:
         request(path)
     assert f"{path}, {message}" in error.value.message
+
+
+def test_bad_configuration_exits_2_before_anything_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge_migrate.cli import main
+
+    path = write(tmp_path, "\n\ntimeout = -1\n")
+    assert main(["--config", str(path), "--state-dir", str(tmp_path / "s"), "apply"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}, line 3, key 'timeout' -1" in err and "Nothing was changed" in err
+    assert not (tmp_path / "s").exists()

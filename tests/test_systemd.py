@@ -310,3 +310,24 @@ def test_boot_time_unit_across_reboots(tmp_path: Path) -> None:
         messages = [e.get("MESSAGE", "") for e in host.journal("bridge-migrate-boot.service")]
         assert any("not retrying at boot" in m for m in messages), messages
         assert h.phase() == "interrupted"
+
+
+def test_watchdog_is_fed_through_a_long_verification(host: Host) -> None:
+    lab, peer = host.booted.lab, host.booted.lab.addrs.peer_v4
+    host.booted.host.install_unit(
+        "bridge-migrate.service.d/watchdog.conf", "[Service]\nWatchdogSec=1\n"
+    )
+    host.configure(f'timeout = 15\nprobes = ["tcp:{peer}:7"]\n')
+    started = host.booted.host.systemctl("start", "--no-block", "bridge-migrate")
+    assert started.returncode == 0
+    host.wait_phase({"verifying"}, 10)
+    time.sleep(3)  # three watchdog periods with no answer from the probe
+    listener = lab.popen(
+        lab.peer_ns, [sys.executable, "-c", LISTEN, peer], stdout=subprocess.DEVNULL
+    )
+    try:
+        assert host.wait_phase({"committed", "rolled-back"}, 15) == "committed"
+    finally:
+        listener.kill()
+    assert host.booted.host.show("bridge-migrate.service", "Result") == "success"
+    assert_migrated(host.view())

@@ -400,3 +400,35 @@ def test_change_during_the_trial_that_rollback_cannot_undo_exits_5(lab: Lab, age
     assert refused.code == 3 and "rollback-incomplete" in refused.stderr
     after = read_view(lab.host_ns)
     assert after.link("br0") is None and "198.18.0.10" in after.addresses_on("eth0")
+
+
+def test_without_systemd_the_agent_says_it_keeps_the_deadline(lab: Lab, agent: Agent) -> None:
+    run = agent("apply")
+    assert run.code == 0
+    assert "no independent dead man (systemd is not PID 1 here)" in run.stdout
+
+
+def test_without_systemd_commit_confirmed_waits_in_the_agent(lab: Lab, agent: Agent) -> None:
+    waiting = agent.popen("apply", "--confirm-within", "20")
+    _wait_for_phase(agent.state_dir, "confirming", waiting)
+    status = agent("status")
+    assert "confirming" in status.stdout and " s left)" in status.stdout
+    confirmed = agent("confirm")
+    assert confirmed.code == 0, confirmed.stderr
+    out, err = waiting.communicate(timeout=10)
+    assert waiting.returncode == 0, out + err
+    assert "committed" in agent("status").stdout
+    assert read_view(lab.host_ns).link("br0") is not None
+
+
+def test_without_systemd_unconfirmed_change_is_rolled_back(lab: Lab, agent: Agent) -> None:
+    before = read_view(lab.host_ns)
+    started = time.monotonic()
+    waiting = agent.popen("apply", "--confirm-within", "1.5")
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 4, out + err
+    assert time.monotonic() - started >= 1.5
+    assert "not confirmed in time" in out
+    assert_unchanged(before, read_view(lab.host_ns))
+    late = agent("confirm")
+    assert late.code == 3 and "nothing to confirm" in late.stderr
