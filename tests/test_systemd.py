@@ -46,7 +46,10 @@ ip -4 route show default | grep -q . && exit 0; sleep 0.05; done; exit 1'
 
 def _units() -> dict[str, str]:
     units = {p.name: p.read_text().replace("@BIN@", AGENT) for p in (ROOT / "units").iterdir()}
-    return {**units, "lab-network.service": LAB_NETWORK}
+    # The units' PrivateTmp= hides /tmp, where a CI checkout (and so the agent) may live.
+    checkout = f"[Service]\nBindReadOnlyPaths={ROOT}\n"
+    drop_ins = {f"{name}.d/checkout.conf": checkout for name in units}
+    return {**units, **drop_ins, "lab-network.service": LAB_NETWORK}
 
 
 class Host:

@@ -54,6 +54,9 @@ SYSTEMD = "/lib/systemd/systemd"
 TARGET = "lab.target"
 INSIDE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _BOOT_TIMEOUT = 20.0
+# This checkout (the agent's sources and its virtual environment), shown inside at the same path
+# even where the boot mounts its own file system over it (a CI clone under /tmp, say).
+CHECKOUT = Path(__file__).resolve().parents[2]
 _CMD_TIMEOUT = 30.0
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
@@ -335,7 +338,8 @@ class BootedHost:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         assert self._work is not None and self._cgroup is not None
-        binds = [x for b in self.spec.binds for x in _bind_args(b)]
+        checkout = Bind(CHECKOUT, str(CHECKOUT), read_only=True)
+        binds = [x for b in (checkout, *self.spec.binds) for x in _bind_args(b)]
         unshare = [self._unshare, "--fork", "--pid", "--mount", "--net", "--uts", "--ipc"]
         unshare += ["--cgroup", "--mount-proc", "--", "sh", "-c", _BOOT_SCRIPT, "netlab-boot"]
         unshare += [str(self._work / "stage"), str(self._work / "seed"), self.spec.hostname]
