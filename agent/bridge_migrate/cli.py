@@ -9,6 +9,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move a single-NIC host's addresses and routes onto a bridge, verified, "
         "with exact rollback.",
     )
+    parser.add_argument("--version", action="version", version=f"bridge-migrate {_version()}")
     parser.add_argument(
         "--state-dir",
         type=Path,
@@ -91,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("transaction", metavar="ID")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("bridge-migrate")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
