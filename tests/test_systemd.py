@@ -194,6 +194,9 @@ def test_confirmed_from_a_second_shell_stays_migrated(host: Host) -> None:
     assert "waiting for confirmation" in run.stdout
     status = host.agent("status").stdout
     assert "confirming" in status and " s left)" in status
+    timer = f"{host.record()['dead_man']}.timer"  # type: ignore[index]
+    assert "OnActiveUSec=4s" in host.booted.host.show(timer, "TimersMonotonic")
+    assert host.booted.host.show(timer, "AccuracyUSec") == "10ms"
     confirmed = host.agent("confirm")
     assert confirmed.returncode == 0 and "committed" in confirmed.stdout
     time.sleep(4 + GRACE)

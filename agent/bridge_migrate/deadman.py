@@ -58,7 +58,7 @@ def unit_name(tx_id: str, label: str) -> str:
 
 
 def arm(where: Where, tx_id: str, label: str, seconds: float, state_dir: Path) -> str:
-    """Start a timer that runs `expire tx_id` in `seconds` (+ grace); return its unit name."""
+    """Start a timer that runs `expire tx_id` in `seconds`; return its unit name."""
     unit = unit_name(tx_id, label)
     command = [sys.executable, "-m", "bridge_migrate", "--state-dir", str(state_dir)]
     argv = [
@@ -67,7 +67,7 @@ def arm(where: Where, tx_id: str, label: str, seconds: float, state_dir: Path) -
         "--collect",
         f"--unit={unit}",
         f"--description=bridge-migrate dead man: roll back transaction {tx_id} if pending",
-        f"--on-active={round((seconds + GRACE) * 1000)}ms",
+        f"--on-active={round(seconds * 1000)}ms",
         f"--timer-property=AccuracySec={ACCURACY}",
         "--property=Type=oneshot",
     ]
