@@ -307,8 +307,11 @@ class _Run:
         """Hand the deadline to a dead man for the window (make before break), then return."""
         old, unit = self.tx.dead_man, None
         if old is not None:
-            where = deadman.locate()
-            unit = deadman.arm(where, self.tx.id, "confirm", seconds, self.store.directory)
+            try:
+                where = deadman.locate()
+                unit = deadman.arm(where, self.tx.id, "confirm", seconds, self.store.directory)
+            except deadman.DeadManError as e:
+                return self.roll_back(self.tx.plan.steps, str(e), ExitCode.ROLLED_BACK)
         self.mark(Phase.CONFIRMING, "verified", deadline=time.time() + seconds, dead_man=unit)
         if old is not None:
             deadman.disarm(old)
