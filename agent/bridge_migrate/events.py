@@ -46,7 +46,8 @@ class Events:
             from systemd import daemon
 
             daemon.notify(state)
-        except OSError as e:  # a stale or missing socket: say so once, go on
+        # A stale or missing socket, or no systemd bindings: say so once, go on.
+        except (OSError, ImportError) as e:
             print(f"bridge-migrate: sd_notify failed: {e}", file=sys.stderr)
             self.notify_socket = None
 
@@ -63,7 +64,7 @@ class Events:
                 **{f"BRIDGE_MIGRATE_{k}": v for k, v in fields.items() if k != "PRIORITY"},
                 PRIORITY=fields.get("PRIORITY", "6"),
             )
-        except OSError as e:
+        except (OSError, ImportError) as e:  # a stale socket, or no systemd bindings
             print(f"bridge-migrate: journal unavailable: {e}", file=sys.stderr)
             self.journal = False
 
