@@ -129,7 +129,7 @@ def test_systemctl_start_migrates_with_status_and_journal_fields(host: Host) -> 
         e for e in host.booted.host.journal("bridge-migrate.service") if "BRIDGE_MIGRATE_PHASE" in e
     ]
     phases = [e["BRIDGE_MIGRATE_PHASE"] for e in records]
-    assert phases == ["snapshot", "plan", "bridge", "batch", "check", "verify", "result"]
+    assert phases == ["snapshot", "plan", "prepare", "batch", "check", "verify", "result"]
     ids = {e["BRIDGE_MIGRATE_TRANSACTION"] for e in records}
     assert len(ids) == 1 and ids == {host.record()["id"]}  # type: ignore[index]
     assert {(e["BRIDGE_MIGRATE_NIC"], e["BRIDGE_MIGRATE_BRIDGE"]) for e in records} == {

@@ -64,14 +64,14 @@ def test_human_output_has_a_line_per_phase_and_json_has_the_record(lab: Lab, age
     assert [p["name"] for p in doc["phases"]] == [
         "snapshot",
         "plan",
-        "bridge",
+        "prepare",
         "batch",
         "check",
         "verify",
     ]
     assert all(p["ms"] >= 0 for p in doc["phases"])
     assert doc["snapshot"]["nic"]["name"] == "eth0"
-    assert len(doc["plan"]["batch"]) >= 10
+    assert len(doc["plan"]["make"]) >= 5 and len(doc["plan"]["batch"]) >= 5
     status = agent("status")
     assert status.code == 0 and "committed" in status.stdout
 
@@ -98,9 +98,9 @@ def test_unanswered_extra_probe_rolls_back(lab: Lab, agent: Agent) -> None:
     assert_unchanged(before, read_view(lab.host_ns))
 
 
-def test_failure_in_the_middle_of_the_batch_is_undone(lab: Lab, agent: Agent) -> None:
-    # New devices get no IPv6 here: adding eth0's IPv6 address to br0 fails mid-batch, after
-    # the NIC was enslaved and its IPv4 addresses were added to br0.
+def test_failure_while_making_the_additions_is_undone(lab: Lab, agent: Agent) -> None:
+    # New devices get no IPv6 here: adding eth0's IPv6 address to br0 fails, after the NIC
+    # was enslaved and its IPv4 addresses were added to br0 in the same send.
     lab.sysctl(lab.host_ns, {"net.ipv6.conf.default.disable_ipv6": 1})
     before = read_view(lab.host_ns)
     run = agent("apply", "--json")
@@ -108,6 +108,25 @@ def test_failure_in_the_middle_of_the_batch_is_undone(lab: Lab, agent: Agent) ->
     doc = run.json()
     assert doc["result"] == "rolled back"
     assert "failed: add address 2001:db8:0:1::10/64 dev br0" in doc["message"]
+    prepare = next(p for p in doc["phases"] if p["name"] == "prepare")
+    done, total = prepare["detail"].split()[0].split("/")
+    assert 0 < int(done) < int(total)
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_failure_in_the_middle_of_the_batch_is_undone(lab: Lab, agent: Agent) -> None:
+    # br0 will have no IPv6, and eth0 keeps an IPv6 default route but no IPv6 address: moving
+    # that route fails in the middle of the batch, after the IPv4 routes moved.
+    lab.sysctl(lab.host_ns, {"net.ipv6.conf.default.disable_ipv6": 1})
+    lab.ip_batch(
+        lab.host_ns,
+        [f"addr del {lab.addrs.host_v6}/64 dev eth0", "neigh flush dev eth0 nud all"],
+    )
+    before = read_view(lab.host_ns)
+    run = agent("apply", "--json")
+    assert run.code == 4, run.stderr + run.stdout
+    doc = run.json()
+    assert "failed: replace route default via 2001:db8:0:1::1 dev br0" in doc["message"]
     batch = next(p for p in doc["phases"] if p["name"] == "batch")
     done, total = batch["detail"].split()[0].split("/")
     assert 0 < int(done) < int(total)

@@ -208,7 +208,11 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
     ):
         for item in items:
             report.note(f"read    {what} {item}")
-    steps = [("prepare", plan.prepare), *((f"{i:>7}", s) for i, s in enumerate(plan.batch, 1))]
+    steps = [
+        ("prepare", plan.prepare),
+        *((f"make {i:>2}", s) for i, s in enumerate(plan.make, 1)),
+        *((f"batch{i:>2}", s) for i, s in enumerate(plan.batch, 1)),
+    ]
     for label, step in steps:
         report.note(f"{label} {step.do!s:<60}  undo: {step.undo}")
     report.note("verify  " + ", ".join(str(p) for p in prepared.probes))

@@ -1,8 +1,14 @@
 """The takeover as data: each operation beside its inverse. Pure: no I/O here.
 
-Order is make-before-break: the NIC is enslaved first (so br0 never resolves a neighbour into a
-bridge with no port), then br0 gets the addresses, the neighbour entries and the routes, and only
-then does the NIC lose its own. At no point does the host lack an address or a default route.
+Order is make-before-break, in three sends. Prepare: the empty bridge. Make (harmless: the host
+still talks through the NIC): the NIC enslaved first (so br0 never resolves a neighbour into a
+bridge with no port), then br0 gets the addresses and the neighbour entries beside the NIC's.
+The agent then waits until the kernel has br0 ready to send (its queue is attached only when the
+link-watch work has seen the carrier, and a moved IPv6 address is usable only once its local
+route is in). Batch (the disruptive part, one send): the routes move to br0 (replaced, so a
+default route always exists), then the NIC loses its addresses, then its neighbour entries (in
+that order, so no traffic still routed through the NIC re-creates an entry that can never
+resolve). At no point does the host lack an address or a default route.
 """
 
 from __future__ import annotations
@@ -129,29 +135,32 @@ class Step:
 class Plan:
     nic: str
     bridge: str
-    prepare: Step  # creating the empty bridge: harmless, sent on its own
+    prepare: Step  # creating the empty bridge, sent on its own: later messages name it
+    make: tuple[Step, ...]  # harmless additions, sent as one netlink batch
     batch: tuple[Step, ...]  # every disruptive operation, sent as one netlink batch
 
     @property
     def steps(self) -> tuple[Step, ...]:
-        return (self.prepare, *self.batch)
+        return (self.prepare, *self.make, *self.batch)
 
 
 def plan_takeover(state: HostState, bridge: str) -> Plan:
     nic = state.nic.name
-    batch = (
+    make = (
         Step(SetMaster(nic, bridge), SetMaster(nic, None)),
         *_add_addresses(state, bridge),
         *_carry_neighbours(state, bridge),
+    )
+    batch = (
         *_move_routes(state, bridge),
-        *_drop_neighbours(state),
         *_drop_addresses(state),
+        *_drop_neighbours(state),
     )
     prepare = Step(
         CreateBridge(bridge, state.nic.mac, state.nic.mtu),
         DeleteBridge(bridge),
     )
-    return Plan(nic=nic, bridge=bridge, prepare=prepare, batch=batch)
+    return Plan(nic=nic, bridge=bridge, prepare=prepare, make=make, batch=batch)
 
 
 def moved_addresses(state: HostState) -> tuple[Address, ...]:
@@ -220,8 +229,8 @@ def _carry_neighbours(state: HostState, bridge: str) -> list[Step]:
 
 
 def _drop_neighbours(state: HostState) -> list[Step]:
-    # Explicit, so the inverse restores the NIC's entries (the kernel flushes IPv4 ones anyway
-    # when the NIC's last IPv4 address goes).
+    # Explicit, so the inverse restores the NIC's entries. The kernel has flushed the IPv4 ones
+    # already when the NIC's last IPv4 address went: "no such entry" counts as done.
     steps = []
     for n in carried_neighbours(state):
         restored = n if n.is_static else replace(n, state=NUD_STALE)

@@ -17,16 +17,17 @@ from pyroute2 import IPRoute
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from . import deadman
-from .batch import send_batch
+from .batch import BatchResult, Outcome, send_batch
 from .compare import differences
 from .encode import Resolve
 from .errors import ExitCode, Refused
-from .model import HostState
-from .plan import Plan, Step, is_migrated, plan_takeover
+from .model import AF_INET6, HostState
+from .plan import AddAddress, Plan, Step, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
+from .ready import wait_until_ready
 from .record import Locked, Phase, Store, Transaction, current_boot_id
 from .report import Report
-from .rollback import restore
+from .rollback import already_so, restore
 from .simulate import simulate
 from .snapshot import read_host, read_links, unsupported_routes
 from .verify import Probe, gateway_probes, run_probes
@@ -85,7 +86,9 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
     report.attach("plan", plan)
-    report.phase("plan", started, f"{len(plan.batch)} operations in one batch")
+    report.phase(
+        "plan", started, f"{len(plan.make)} additions, then {len(plan.batch)} in one batch"
+    )
     desired = simulate(state, [s.do for s in plan.steps])
     return Prepared(state, plan, desired, probes)
 
@@ -330,26 +333,37 @@ class _Run:
                 self.report.note(str(e))
 
     def take_over(self, p: Prepared) -> None:
-        """Create the bridge, send the batch, check the host against the plan."""
+        """Create the bridge, make the additions, wait until the kernel has the bridge ready,
+        send the batch, check the host against the plan."""
         plan, report = p.plan, self.report
         started = time.perf_counter()
         created = send_batch([plan.prepare.do], _resolver(self.ipr))
         if not created.ok:
             raise StepFailed(created.outcomes[0].describe(), ())
-        report.phase("bridge", started, str(plan.prepare.do))
         _boundary("bridge")
         done: tuple[Step, ...] = (plan.prepare,)
+        made = send_batch([s.do for s in plan.make], _resolver(self.ipr))
+        done += _succeeded(plan.make, made)
+        if _failures(made):
+            report.phase("prepare", started, f"{_acked(plan.make, made)}")
+            raise StepFailed("; ".join(o.describe() for o in _failures(made)), done)
+        ipv6 = tuple(
+            s.do.address.address
+            for s in plan.make
+            if isinstance(s.do, AddAddress) and s.do.address.family == AF_INET6
+        )
+        waited = wait_until_ready(self.ipr, plan.bridge, ipv6)
+        ready = f"ready after {waited * 1000:.2f} ms" if waited is not None else "NOT ready"
+        report.phase("prepare", started, f"{plan.prepare.do}; {_acked(plan.make, made)}; {ready}")
         self.mark(Phase.APPLYING)
         _boundary("applying")
         started = time.perf_counter()
         result = send_batch([s.do for s in plan.batch], _resolver(self.ipr))
-        done += tuple(s for s, o in zip(plan.batch, result.outcomes, strict=True) if o.ok)
-        ms = result.seconds * 1000
-        acked = f"{len(result.done)}/{len(plan.batch)} acknowledged in {ms:.2f} ms"
-        report.phase("batch", started, acked)
+        done += _succeeded(plan.batch, result)
+        report.phase("batch", started, _acked(plan.batch, result))
         _boundary("batch")
-        if not result.ok:
-            raise StepFailed("; ".join(o.describe() for o in result.failures), done)
+        if _failures(result):
+            raise StepFailed("; ".join(o.describe() for o in _failures(result)), done)
         started = time.perf_counter()
         diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
         report.phase("check", started, "; ".join(diff) or "host matches the plan")
@@ -398,6 +412,22 @@ class _Run:
     def age(self) -> float:
         """Seconds since the snapshot: finite lifetimes have run down by this much."""
         return time.time() - self.tx.started
+
+
+def _succeeded(steps: tuple[Step, ...], result: BatchResult) -> tuple[Step, ...]:
+    """Steps whose operation the kernel did, or found done (a flushed neighbour entry)."""
+    return tuple(
+        s for s, o in zip(steps, result.outcomes, strict=True) if o.ok or already_so(o.op, o.error)
+    )
+
+
+def _failures(result: BatchResult) -> tuple[Outcome, ...]:
+    return tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
+
+
+def _acked(steps: tuple[Step, ...], result: BatchResult) -> str:
+    done = len(_succeeded(steps, result))
+    return f"{done}/{len(steps)} acknowledged in {result.seconds * 1000:.2f} ms"
 
 
 def _is_bug(e: Exception) -> bool:

@@ -31,19 +31,11 @@ from pyroute2 import IPRoute
 from bridge_migrate.batch import send_batch
 from bridge_migrate.model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState, Route
 from bridge_migrate.plan import (
-    AddAddress,
-    AddNeighbour,
-    CreateBridge,
-    DelAddress,
-    DeleteBridge,
-    DelNeighbour,
-    Op,
     Plan,
-    ReplaceRoute,
-    SetMaster,
     Step,
     plan_takeover,
 )
+from bridge_migrate.rollback import op_devices
 from bridge_migrate.snapshot import read_host, read_links
 
 ATTEMPT_S = 0.1  # as the agent: ask again after 100 ms without an answer
@@ -208,14 +200,15 @@ def run_unbatched(ipr: IPRoute, nic: str, bridge: str, timeout: float) -> Outcom
     out.phase("snapshot", t0)
     started = time.perf_counter()
     plan = plan_takeover(state, bridge)
-    out.phase("plan", started, f"{len(plan.batch)} operations, one call each")
+    changes = (*plan.make, *plan.batch)
+    out.phase("plan", started, f"{len(changes)} operations, one call each")
     started = time.perf_counter()
     _send_each([plan.prepare], ipr, out)
     out.phase("bridge", started, str(plan.prepare.do))
     out.netlink_ms, started = 0.0, time.perf_counter()
-    _send_each(plan.batch, ipr, out)
-    out.ops, out.change_ms = len(plan.batch), (time.perf_counter() - started) * 1000
-    out.phase("calls", started, f"{len(plan.batch)} netlink calls in {out.netlink_ms:.2f} ms")
+    _send_each(changes, ipr, out)
+    out.ops, out.change_ms = len(changes), (time.perf_counter() - started) * 1000
+    out.phase("calls", started, f"{len(changes)} netlink calls in {out.netlink_ms:.2f} ms")
     _verify(state, bridge, timeout, out, t0)
     if not out.verified:
         steps = plan.steps
@@ -229,7 +222,7 @@ def _send_each(steps: Sequence[Step], ipr: IPRoute, out: Outcome, undo: bool = F
     failed = 0
     for step in steps:
         op = step.undo if undo else step.do
-        if any(d not in links for d in _devices(op)):
+        if any(d not in links for d in op_devices(op)):
             continue  # the device is gone: nothing left to undo on it
         result = send_batch([op], links.__getitem__)
         out.netlink_ms += result.seconds * 1000
@@ -237,23 +230,6 @@ def _send_each(steps: Sequence[Step], ipr: IPRoute, out: Outcome, undo: bool = F
             failed += 1
             out.failed_ops.extend(o.describe() for o in result.failures)
     return failed
-
-
-def _devices(op: Op) -> tuple[str, ...]:
-    match op:
-        case CreateBridge():
-            return ()
-        case DeleteBridge():
-            return (op.name,)
-        case SetMaster():
-            return (op.dev,) if op.master is None else (op.dev, op.master)
-        case AddAddress() | DelAddress():
-            return (op.dev,)
-        case AddNeighbour() | DelNeighbour():
-            return (op.neighbour.dev,)
-        case ReplaceRoute():
-            return (op.new.dev,)
-    raise AssertionError(op)
 
 
 def _undo_each(plan: Plan, ipr: IPRoute, out: Outcome) -> int:
