@@ -248,6 +248,10 @@ def _prepare(lab: Lab, case: str) -> list[str]:
             "link set vn2 up",
         ],
         "bridge-exists": ["link add br0 type bridge"],
+        "multipath-route": [
+            "route add 198.19.9.0/24"
+            " nexthop via 198.18.0.1 dev eth0 nexthop via 198.18.0.2 dev eth0"
+        ],
     }[case]
     if extra:
         lab.ip_batch(lab.host_ns, extra)
@@ -259,6 +263,7 @@ def _prepare(lab: Lab, case: str) -> list[str]:
         "nic-down": ["--nic", "vd"],
         "no-global-address": ["--nic", "vn"],
         "bridge-exists": [],
+        "multipath-route": [],
     }[case]
 
 
@@ -270,6 +275,7 @@ REFUSALS = {
     "nic-down": "vd is down",
     "no-global-address": "vn has no global address",
     "bridge-exists": "br0 exists and is not a completed migration of eth0",
+    "multipath-route": "198.19.9.0/24 is a multipath route through eth0",
 }
 
 

@@ -155,6 +155,8 @@ class HostState:
     addresses: tuple[tuple[str, Address], ...]  # (device name, address)
     routes: tuple[Route, ...]
     neighbours: tuple[Neighbour, ...]
+    # Routes through the NIC a move could not keep exact (multipath, nexthop objects).
+    unsupported: tuple[str, ...] = ()
 
     def addresses_on(self, dev: str) -> tuple[Address, ...]:
         return tuple(a for d, a in self.addresses if d == dev)

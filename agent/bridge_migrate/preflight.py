@@ -43,7 +43,7 @@ def choose_nic(ipr: IPRoute, nic: str | None, bridge: str) -> str:
         if nic not in links:
             raise Refused(f"no such NIC {nic!r}", f"devices here: {', '.join(sorted(links))}")
         return nic
-    found = default_route_device(ipr)
+    found = default_route_device(ipr, links)
     if found is None:
         raise Refused("no default route, so no NIC to take over", "name it with --nic")
     if found == bridge and links[found].kind == "bridge":
@@ -53,7 +53,7 @@ def choose_nic(ipr: IPRoute, nic: str | None, bridge: str) -> str:
     return found
 
 
-def refusals(state: HostState, bridge: str, unsupported: list[str]) -> list[str]:
+def refusals(state: HostState, bridge: str) -> list[str]:
     """Why this host cannot be taken over as it is (empty: it can)."""
     nic = state.nic
     found = []
@@ -75,5 +75,5 @@ def refusals(state: HostState, bridge: str, unsupported: list[str]) -> list[str]
         label = bridge_label(a.label, nic.name, bridge)
         if label is not None and len(label) >= IFNAMSIZ:
             found.append(f"label {a.label!r} of {a} would become {label!r}: too long")
-    found.extend(unsupported)
+    found.extend(state.unsupported)
     return found

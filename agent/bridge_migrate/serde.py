@@ -77,5 +77,10 @@ def _from_dataclass(cls: Any, data: Any) -> Any:
     if not isinstance(data, dict) or data.get(TAG) != cls.__name__:
         raise ValueError(f"expected a {cls.__name__}, found {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: from_data(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)}
+    # A field missing from older data takes its default (fields with none must be there).
+    fields = {
+        f.name: from_data(hints[f.name], data[f.name])
+        for f in dataclasses.fields(cls)
+        if f.name in data or f.default is dataclasses.MISSING
+    }
     return cls(**fields)

@@ -35,9 +35,9 @@ def read_links(ipr: IPRoute) -> dict[str, Link]:
     return {link.name: link for link in links}
 
 
-def default_route_device(ipr: IPRoute) -> str | None:
+def default_route_device(ipr: IPRoute, links: dict[str, Link]) -> str | None:
     """The device of the best default route in the main table: IPv4 first, else IPv6."""
-    names = {m["index"]: m.get("IFLA_IFNAME") for m in ipr.get_links()}
+    names = {link.index: name for name, link in links.items()}
     for family in (AF_INET, AF_INET6):
         defaults = [
             m
@@ -46,17 +46,19 @@ def default_route_device(ipr: IPRoute) -> str | None:
         ]
         if defaults:
             best = min(defaults, key=lambda m: m.get("RTA_PRIORITY") or 0)
-            return str(names[best.get("RTA_OIF")])
+            return names[best.get("RTA_OIF")]
     return None
 
 
 def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
+    """One dump each of links, addresses, routes and neighbours."""
     links = read_links(ipr)
     if nic not in links:
         raise DeviceNotFound(nic)
     wanted = {links[nic].index: nic}
     if bridge in links:
         wanted[links[bridge].index] = bridge
+    routes = list(ipr.get_routes())
     return HostState(
         nic=links[nic],
         bridge=links.get(bridge),
@@ -65,7 +67,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
         ),
         routes=tuple(
             _route(m, wanted)
-            for m in ipr.get_routes()
+            for m in routes
             if m.get("RTA_OIF") in wanted and m.get("RTA_MULTIPATH") is None
         ),
         neighbours=tuple(
@@ -73,20 +75,19 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
             for m in ipr.get_neighbours()
             if m["ifindex"] in wanted and _is_carried(m)
         ),
+        unsupported=_unsupported(routes, links[nic]),
     )
 
 
-def unsupported_routes(ipr: IPRoute, nic: str) -> list[str]:
-    """Routes through the NIC that a move could not keep exact: multipath and nexthop objects."""
-    index = read_links(ipr)[nic].index
+def _unsupported(routes: list[Msg], nic: Link) -> tuple[str, ...]:
     found = []
-    for m in ipr.get_routes():
+    for m in routes:
         hops = m.get("RTA_MULTIPATH") or []
-        if m.get("RTA_NH_ID") is not None and m.get("RTA_OIF") in (None, index):
+        if m.get("RTA_NH_ID") is not None and m.get("RTA_OIF") in (None, nic.index):
             found.append(f"{_dst(m)} uses nexthop object {m.get('RTA_NH_ID')}")
-        elif any(h["oif"] == index for h in hops):
-            found.append(f"{_dst(m)} is a multipath route through {nic}")
-    return found
+        elif any(h["oif"] == nic.index for h in hops):
+            found.append(f"{_dst(m)} is a multipath route through {nic.name}")
+    return tuple(found)
 
 
 def _link(m: Msg, names: dict[int, str]) -> Link:

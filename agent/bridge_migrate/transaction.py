@@ -29,7 +29,7 @@ from .record import Locked, Phase, Store, Transaction, current_boot_id
 from .report import Report
 from .rollback import already_so, restore
 from .simulate import simulate
-from .snapshot import read_host, read_links, unsupported_routes
+from .snapshot import read_host, read_links
 from .verify import Probe, gateway_probes, run_probes
 
 
@@ -78,7 +78,7 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     if is_migrated(state, req.bridge):
         return None
     started = time.perf_counter()
-    problems = refusals(state, req.bridge, unsupported_routes(ipr, nic))
+    problems = refusals(state, req.bridge)
     if problems:
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge)
