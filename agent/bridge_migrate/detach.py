@@ -11,13 +11,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Sequence
 
 from . import deadman
 
-_DRAIN = 1.0  # seconds to wait for the unit's last journal lines after it ended
+_DRAIN = 2.0  # at most this long for the unit's last journal lines, once it ended
+_QUIET = 0.2  # they are all in once the journal has been quiet this long
 
 
 def wanted() -> bool:
@@ -51,7 +51,6 @@ def run_as_unit(argv: Sequence[str]) -> int:
     follower = threading.Thread(target=_follow, args=(f"{unit}.service", stop), daemon=True)
     follower.start()
     done = subprocess.run([*command, "--", sys.executable, "-m", "bridge_migrate", *argv])
-    time.sleep(_DRAIN)
     stop.set()
     follower.join(timeout=_DRAIN)
     return done.returncode
@@ -64,7 +63,10 @@ def _follow(unit: str, stop: threading.Event) -> None:
     reader.this_boot()
     reader.add_match(_SYSTEMD_UNIT=unit)
     reader.seek_head()
-    while not stop.is_set():
+    quiet = 0.0  # after the unit ended: its last lines may still be on their way to the journal
+    while not stop.is_set() or quiet < _QUIET:
         for entry in reader:
             print(entry.get("MESSAGE", ""), flush=True)
-        reader.wait(0.1)
+            quiet = 0.0
+        if reader.wait(0.1) == journal.NOP and stop.is_set():
+            quiet += 0.1
