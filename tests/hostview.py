@@ -1,11 +1,15 @@
 """The whole host namespace read back over netlink, for before/after comparisons in tests.
 
 Independent of the agent's own snapshot and compare code, and wider: every link, every address,
-every route in every table (kernel-made ones included), every resolved neighbour entry.
+every route in every table (kernel-made ones included), every policy rule, every resolved
+neighbour entry and proxy entry, every per-device setting (read with iproute2 and /proc through
+nsenter, not with the agent's code).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,12 @@ class HostView:
     addresses: tuple[tuple[object, ...], ...]  # in dump order per device and family
     routes: frozenset[tuple[object, ...]]
     neighbours: frozenset[tuple[object, ...]]  # dev, dst, lladdr (+ state if static)
+    rules: frozenset[tuple[object, ...]]
+    proxies: frozenset[tuple[object, ...]]  # dev, dst
+    sysctls: frozenset[tuple[str, str]]  # "ipv4/conf/eth0/rp_filter", value
+
+    def sysctl(self, path: str) -> str | None:
+        return next((v for k, v in self.sysctls if k == path), None)
 
     def link(self, name: str) -> tuple[object, ...] | None:
         return next((link for link in self.links if link[0] == name), None)
@@ -36,6 +46,11 @@ def read_view(netns: str) -> HostView:
         links = list(ipr.get_links())
         names = {m["index"]: m.get("IFLA_IFNAME") for m in links}
         return HostView(
+            rules=frozenset(_rule(m) for m in ipr.get_rules()),
+            proxies=frozenset(
+                (n["dev"], n["dst"]) for n in _ip_json(netns, "neigh", "show", "proxy")
+            ),
+            sysctls=_sysctls(netns),
             links=tuple(sorted(_link(m, names) for m in links)),
             addresses=tuple(_address(m, names) for m in ipr.get_addr()),
             routes=frozenset(_route(m, names) for m in ipr.get_routes()),
@@ -77,6 +92,8 @@ def _address(m: Any, names: dict[int, str]) -> tuple[object, ...]:
 
 def _route(m: Any, names: dict[int, str]) -> tuple[object, ...]:
     metrics = m.get("RTA_METRICS")
+    via = m.get("RTA_VIA")
+    cache = m.get("RTA_CACHEINFO") or {}
     return (
         m["family"],
         m.get("RTA_TABLE"),
@@ -89,10 +106,61 @@ def _route(m: Any, names: dict[int, str]) -> tuple[object, ...]:
         m["scope"],
         m["type"],
         m.get("RTA_PREFSRC"),
-        tuple(sorted(metrics["attrs"])) if metrics else (),
+        tuple(sorted((k, v) for k, v in metrics["attrs"])) if metrics else (),
+        (via or {}).get("addr"),
+        bool(cache.get("rta_expires")),  # expiry ticks: whether it expires
+        m.get("RTA_PREF"),
+        any(a == "UNKNOWN" and v["header"]["type"] == 30 for a, v in m["attrs"]),  # nhid
     )
 
 
 def _neighbour(m: Any, names: dict[int, str]) -> tuple[object, ...]:
     static = m["state"] & NUD_STATIC
     return (names[m["ifindex"]], m.get("NDA_DST"), m.get("NDA_LLADDR"), m["state"] if static else 0)
+
+
+def _rule(m: Any) -> tuple[object, ...]:
+    return (
+        m["family"],
+        m["action"],
+        m["flags"],
+        *sorted((str(k), str(v)) for k, v in m["attrs"]),
+    )
+
+
+def _nsenter(netns: str, *argv: str) -> str:
+    done = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    return done.stdout
+
+
+def _ip_json(netns: str, *argv: str) -> list[dict[str, Any]]:
+    out = _nsenter(netns, "ip", "-j", *argv)
+    return list(json.loads(out)) if out.strip() else []
+
+
+def _sysctls(netns: str) -> frozenset[tuple[str, str]]:
+    # /proc/sys/net belongs to the namespace of whoever opens it: read from inside.
+    out = _nsenter(netns, "sh", "-c", "cd /proc/sys/net && grep -r . ipv4/conf ipv6/conf")
+    found = set()
+    for line in out.splitlines():
+        path, _, value = line.partition(":")
+        found.add((path, value))
+    return frozenset(found)
+
+
+def assert_unchanged(before: HostView, after: HostView) -> None:
+    assert after.links == before.links
+    assert after.addresses == before.addresses  # order included
+    assert after.routes == before.routes  # every table, kernel-made routes too
+    assert after.rules == before.rules
+    assert after.proxies == before.proxies
+    assert after.sysctls == before.sysctls
+    # Every entry is back; the kernel may have learned more from traffic since (dynamic ones).
+    assert before.neighbours <= after.neighbours
+    assert all(n[3] == 0 for n in after.neighbours - before.neighbours)

@@ -102,7 +102,6 @@ LAB = host_with(
         route(None, "198.18.0.1"),
         route("198.19.5.0/24", "198.18.0.2"),
         route(None, "2001:db8:0:1::1", family=AF_INET6),
-        route("198.18.0.0/24", None, protocol=RTPROT_KERNEL, scope=RT_SCOPE_LINK),
         route("198.18.0.10/32", None, table=RT_TABLE_LOCAL, protocol=RTPROT_KERNEL, type=2),
     ],
     [Neighbour(AF_INET, "198.18.0.1", "02:00:00:00:00:fe", NUD_REACHABLE, 0, "eth0")],
@@ -267,6 +266,7 @@ def _as_restored(state: HostState) -> HostState:
         state,
         addresses=tuple(sorted(state.addresses, key=lambda e: (e[0], e[1].family))),
         neighbours=tuple(sorted(entries, key=lambda n: (n.dev, n.dst))),
+        routes=tuple(sorted(state.routes, key=str)),
     )
 
 

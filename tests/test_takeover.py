@@ -13,21 +13,12 @@ import pytest
 from pyroute2 import IPRoute
 
 from conftest import Agent
-from hostview import HostView, read_view
+from hostview import assert_unchanged, read_view
 from netlab import Lab
 
 pytestmark = pytest.mark.root
 
 TIMEOUT = 2.0  # the dead-man deadline for tests that expect a rollback
-
-
-def assert_unchanged(before: HostView, after: HostView) -> None:
-    assert after.links == before.links
-    assert after.addresses == before.addresses  # order included
-    assert after.routes == before.routes  # every table, kernel-made routes too
-    # Every entry is back; the kernel may have learned more from traffic since (dynamic ones).
-    assert before.neighbours <= after.neighbours
-    assert all(n[3] == 0 for n in after.neighbours - before.neighbours)
 
 
 def test_takeover_moves_everything_onto_the_bridge(lab: Lab, agent: Agent) -> None:
@@ -99,15 +90,21 @@ def test_unanswered_extra_probe_rolls_back(lab: Lab, agent: Agent) -> None:
 
 
 def test_failure_while_making_the_additions_is_undone(lab: Lab, agent: Agent) -> None:
-    # New devices get no IPv6 here: adding eth0's IPv6 address to br0 fails, after the NIC
-    # was enslaved and its IPv4 addresses were added to br0 in the same send.
-    lab.sysctl(lab.host_ns, {"net.ipv6.conf.default.disable_ipv6": 1})
+    # Docker's macvlan network: a macvlan on eth0, moved into a container's namespace, where
+    # pre-flight cannot see it. Enslaving eth0 fails (EBUSY) after the policy rule for br0 was
+    # added in the same send.
+    lab.ip_batch(
+        lab.host_ns,
+        ["rule add iif eth0 table 100 pref 100", "link add mv0 link eth0 type macvlan"],
+    )
+    lab.ip_batch(lab.host_ns, [f"link set mv0 netns {lab.peer_ns}"])
     before = read_view(lab.host_ns)
     run = agent("apply", "--json")
     assert run.code == 4, run.stderr + run.stdout
     doc = run.json()
     assert doc["result"] == "rolled back"
-    assert "failed: add address 2001:db8:0:1::10/64 dev br0" in doc["message"]
+    assert "failed: set eth0 master br0: Device or resource busy" in doc["message"]
+    assert "macvlan" in doc["message"] and "attach" in doc["message"]
     prepare = next(p for p in doc["phases"] if p["name"] == "prepare")
     done, total = prepare["detail"].split()[0].split("/")
     assert 0 < int(done) < int(total)

@@ -7,6 +7,7 @@ failure (FACTS.md): atomicity is ours to build from this per-message table.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import struct
@@ -14,8 +15,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .encode import Resolve, encode
-from .plan import Op
+from . import sysctl
+from .encode import Resolve, encode, is_netlink
+from .plan import Op, SetMaster, SetSysctl
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
@@ -42,7 +44,18 @@ class Outcome:
         if self.ok:
             return f"ok: {self.op}"
         text = f" ({self.message})" if self.message else ""
-        return f"failed: {self.op}: {os.strerror(self.error)}{text}"
+        return f"failed: {self.op}: {os.strerror(self.error)}{text}{self.hint}"
+
+    @property
+    def hint(self) -> str:
+        if isinstance(self.op, SetMaster) and self.op.master and self.error == errno.EBUSY:
+            return (
+                f" — {self.op.dev} has a macvlan, macvtap or ipvlan device stacked on it, "
+                "perhaps in a container's namespace (Docker: a macvlan network with "
+                f"parent={self.op.dev}); recreate it with the bridge as parent, or attach the "
+                "guest to the bridge (`bridge-migrate attach`)"
+            )
+        return ""
 
 
 @dataclass(frozen=True)
@@ -68,16 +81,30 @@ class BatchError(OSError):
 
 
 def send_batch(ops: Sequence[Op], resolve: Resolve, age: float = 0.0) -> BatchResult:
-    """Encode `ops`, send them as one buffer, return the outcome of each, in order."""
+    """Run `ops` in order and return the outcome of each: every run of netlink operations as
+    one buffer, a setting that only /proc/sys takes on its own where it stands."""
+    started = time.perf_counter()
+    outcomes: list[Outcome] = []
+    for netlink, group in itertools.groupby(ops, key=is_netlink):
+        run = list(group)
+        if netlink:
+            outcomes += _send(run, resolve, age)
+        else:
+            outcomes += (Outcome(op, sysctl.write(op.sysctl), "") for op in _settings(run))
+    return BatchResult(tuple(outcomes), time.perf_counter() - started)
+
+
+def _settings(ops: list[Op]) -> list[SetSysctl]:
+    return [op for op in ops if isinstance(op, SetSysctl)]
+
+
+def _send(ops: list[Op], resolve: Resolve, age: float) -> list[Outcome]:
     base = int(time.monotonic_ns() & 0x3FFFFFFF) + 1
     payload = b"".join(encode(op, base + i, resolve, age) for i, op in enumerate(ops))
     with _socket() as sock:
-        started = time.perf_counter()
         sock.send(payload)
         acks = _read_acks(sock, base, len(ops))
-        seconds = time.perf_counter() - started
-    outcomes = tuple(Outcome(op, *acks[base + i]) for i, op in enumerate(ops))
-    return BatchResult(outcomes, seconds)
+    return [Outcome(op, *acks[base + i]) for i, op in enumerate(ops)]
 
 
 def _socket() -> socket.socket:

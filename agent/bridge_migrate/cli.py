@@ -205,11 +205,14 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
         ("address", state.addresses_on(nic)),
         ("route", state.routes_on(nic)),
         ("neighbour", state.neighbours_on(nic)),
+        ("", state.rules),
+        ("setting", state.sysctls_on(nic)),
     ):
         for item in items:
-            report.note(f"read    {what} {item}")
+            report.note(f"read    {what} {item}".replace("  ", " "))
     steps = [
         ("prepare", plan.prepare),
+        *((f"tune {i:>2}", s) for i, s in enumerate(plan.tune, 1)),
         *((f"make {i:>2}", s) for i, s in enumerate(plan.make, 1)),
         *((f"batch{i:>2}", s) for i, s in enumerate(plan.batch, 1)),
     ]

@@ -1,14 +1,21 @@
-"""Desired versus current: every way two host states differ that the agent is responsible for.
+"""Desired versus current: every way two host states differ that the agent is responsible for:
+links, addresses, routes (the kernel's prefix routes included), policy rules, neighbour and proxy
+entries, per-device settings.
 
-Kernel-made routes (prefix and local) follow the addresses and are not compared; learned neighbour
-entries change with traffic, so only their link-layer address is, and extra learned ones are not.
+Not compared: the local table and the IPv6 link-local prefix, which the kernel keeps in step with
+the addresses and devices by itself; learned neighbour entries change with traffic, so only their
+link-layer address is, and extra learned ones are not. Expiry times tick: a configured route's is
+compared within the time that passed, a kernel prefix route's only as finite or not (the kernel
+gives it the lifetime of whichever address of the prefix came last).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from .model import (
+    AF_INET6,
     FOREVER,
     IFA_F_TRANSIENT,
     IFF_UP,
@@ -32,8 +39,10 @@ def differences(expected: HostState, actual: HostState, age: float = 0.0) -> tup
         *_link_differences(expected.nic, actual.nic),
         *_bridge_differences(expected.bridge, actual.bridge),
         *_address_differences(expected, actual, age),
-        *_route_differences(expected, actual),
+        *_route_differences(expected, actual, age),
         *_neighbour_differences(expected, actual),
+        *_rule_differences(expected, actual),
+        *_sysctl_differences(expected, actual),
     )
 
 
@@ -119,31 +128,67 @@ def _lifetime_matches(want: int, have: int, age: float) -> bool:
     return want - age - LIFETIME_SLACK <= have <= want + LIFETIME_SLACK
 
 
-def configured_routes(state: HostState) -> frozenset[Route]:
-    return frozenset(
-        r for r in state.routes if r.table != RT_TABLE_LOCAL and r.protocol != RTPROT_KERNEL
-    )
+def compared_routes(state: HostState) -> dict[Route, int | None]:
+    """Each route (its expiry blanked) with its expiry."""
+    return {replace(r, expires=None): r.expires for r in state.routes if _compared(r)}
 
 
-def _route_differences(expected: HostState, actual: HostState) -> Iterable[str]:
-    want, have = configured_routes(expected), configured_routes(actual)
-    for r in sorted(want - have, key=str):
+def _compared(r: Route) -> bool:
+    if r.protocol != RTPROT_KERNEL:
+        return True
+    link_local = r.family == AF_INET6 and (r.dst, r.dst_len) == ("fe80::", 64)
+    return r.table != RT_TABLE_LOCAL and not link_local
+
+
+def _route_differences(expected: HostState, actual: HostState, age: float) -> Iterable[str]:
+    want, have = compared_routes(expected), compared_routes(actual)
+    for r in sorted(want.keys() - have.keys(), key=str):
         yield f"route {r} is missing"
-    for r in sorted(have - want, key=str):
+    for r in sorted(have.keys() - want.keys(), key=str):
         yield f"route {r} should not be there"
+    for r in sorted(want.keys() & have.keys(), key=str):
+        w, h = want[r], have[r]
+        if not _expiry_matches(r, w, h, age):
+            yield f"route {r}: expires {_seconds(h)}, expected {_seconds(w)}"
+
+
+def _expiry_matches(r: Route, want: int | None, have: int | None, age: float) -> bool:
+    if want is None or have is None or r.protocol == RTPROT_KERNEL:
+        return (want is None) == (have is None)
+    return _lifetime_matches(want, have, age)
+
+
+def _seconds(expires: int | None) -> str:
+    return "never" if expires is None else f"in {expires} s"
+
+
+def _rule_differences(expected: HostState, actual: HostState) -> Iterable[str]:
+    want, have = set(expected.rules), set(actual.rules)
+    for r in sorted(want - have, key=str):
+        yield f"{r} is missing"
+    for r in sorted(have - want, key=str):
+        yield f"{r} should not be there"
+
+
+def _sysctl_differences(expected: HostState, actual: HostState) -> Iterable[str]:
+    have = {(s.family, s.dev, s.key): s.value for s in actual.sysctls}
+    for s in expected.sysctls:
+        value = have.get((s.family, s.dev, s.key))
+        if value is not None and value != s.value:
+            yield f"{s.path} is {value}, expected {s.value}"
 
 
 def _neighbour_differences(expected: HostState, actual: HostState) -> Iterable[str]:
-    have = {(n.dev, n.dst): n for n in actual.neighbours}
+    have = {(n.dev, n.dst, n.is_proxy): n for n in actual.neighbours}
     for n in expected.neighbours:
-        h = have.get((n.dev, n.dst))
+        h = have.get((n.dev, n.dst, n.is_proxy))
         if h is None:
             yield f"neighbour {n} is missing"
         elif h.lladdr != n.lladdr:
             yield f"neighbour {n}: link-layer address is {h.lladdr}"
         elif n.is_static and h.state != n.state:
             yield f"neighbour {n}: state is {h.state:#x}, expected {n.state:#x}"
-    wanted = {(n.dev, n.dst) for n in expected.neighbours}
+    wanted = {(n.dev, n.dst, n.is_proxy) for n in expected.neighbours}
     for h in actual.neighbours:
-        if h.is_static and (h.dev, h.dst) not in wanted:
-            yield f"neighbour {h} (static) should not be there"
+        if (h.is_static or h.is_proxy) and (h.dev, h.dst, h.is_proxy) not in wanted:
+            yield f"neighbour {h} should not be there"

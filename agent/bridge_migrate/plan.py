@@ -1,33 +1,43 @@
 """The takeover as data: each operation beside its inverse. Pure: no I/O here.
 
-Order is make-before-break, in three sends. Prepare: the empty bridge. Make (harmless: the host
-still talks through the NIC): the NIC enslaved first (so br0 never resolves a neighbour into a
-bridge with no port), then br0 gets the addresses and the neighbour entries beside the NIC's.
+Order is make-before-break, in four sends. Prepare: the empty bridge. Tune: the NIC's
+per-device settings that differ from a new device's, copied to the bridge before any traffic
+reaches it. Make (harmless: the host still talks through the NIC): policy rules naming the
+bridge beside those naming the NIC, the NIC enslaved (so br0 never resolves a neighbour into a
+bridge with no port), then br0 gets the addresses and the neighbour entries (proxy entries too)
+beside the NIC's.
 The agent then waits until the kernel has br0 ready to send (its queue is attached only when the
 link-watch work has seen the carrier, and a moved IPv6 address is usable only once its local
 route is in). Batch (the disruptive part, one send): the routes move to br0 (replaced, so a
-default route always exists), then the NIC loses its addresses, then its neighbour entries (in
-that order, so no traffic still routed through the NIC re-creates an entry that can never
-resolve). At no point does the host lack an address or a default route.
+default route always exists; on-link routes before the routes through a gateway on them), then
+the NIC loses its addresses, the prefix routes the kernel keeps for expiring IPv6 addresses,
+its neighbour entries (in that order, so no traffic still routed through the NIC re-creates an
+entry that can never resolve) and its policy rules. At no point does the host lack an address
+or a default route.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, replace
 
 from .model import (
     AF_INET,
     AF_INET6,
     IFA_F_NODAD,
+    KERNEL_METRIC,
     NUD_STALE,
     NUD_VALID,
     RT_TABLE_LOCAL,
+    RT_TABLE_MAIN,
     RTPROT_KERNEL,
     Address,
     HostState,
     Link,
     Neighbour,
     Route,
+    Rule,
+    Sysctl,
 )
 
 
@@ -103,6 +113,46 @@ class ReplaceRoute:
         return f"replace route {self.new}"
 
 
+@dataclass(frozen=True)
+class AddRoute:
+    route: Route
+
+    def __str__(self) -> str:
+        return f"add route {self.route}"
+
+
+@dataclass(frozen=True)
+class DelRoute:
+    route: Route
+
+    def __str__(self) -> str:
+        return f"delete route {self.route}"
+
+
+@dataclass(frozen=True)
+class AddRule:
+    rule: Rule
+
+    def __str__(self) -> str:
+        return f"add {self.rule}"
+
+
+@dataclass(frozen=True)
+class DelRule:
+    rule: Rule
+
+    def __str__(self) -> str:
+        return f"delete {self.rule}"
+
+
+@dataclass(frozen=True)
+class SetSysctl:
+    sysctl: Sysctl
+
+    def __str__(self) -> str:
+        return f"set {self.sysctl}"
+
+
 Op = (
     CreateBridge
     | DeleteBridge
@@ -112,6 +162,11 @@ Op = (
     | AddNeighbour
     | DelNeighbour
     | ReplaceRoute
+    | AddRoute
+    | DelRoute
+    | AddRule
+    | DelRule
+    | SetSysctl
 )
 OP_TYPES: tuple[type, ...] = (
     CreateBridge,
@@ -122,6 +177,11 @@ OP_TYPES: tuple[type, ...] = (
     AddNeighbour,
     DelNeighbour,
     ReplaceRoute,
+    AddRoute,
+    DelRoute,
+    AddRule,
+    DelRule,
+    SetSysctl,
 )
 
 
@@ -136,17 +196,19 @@ class Plan:
     nic: str
     bridge: str
     prepare: Step  # creating the empty bridge, sent on its own: later messages name it
+    tune: tuple[Step, ...]  # the NIC's per-device settings, copied to the bridge
     make: tuple[Step, ...]  # harmless additions, sent as one netlink batch
     batch: tuple[Step, ...]  # every disruptive operation, sent as one netlink batch
 
     @property
     def steps(self) -> tuple[Step, ...]:
-        return (self.prepare, *self.make, *self.batch)
+        return (self.prepare, *self.tune, *self.make, *self.batch)
 
 
 def plan_takeover(state: HostState, bridge: str) -> Plan:
     nic = state.nic.name
     make = (
+        *_add_rules(state, bridge),
         Step(SetMaster(nic, bridge), SetMaster(nic, None)),
         *_add_addresses(state, bridge),
         *_carry_neighbours(state, bridge),
@@ -154,13 +216,16 @@ def plan_takeover(state: HostState, bridge: str) -> Plan:
     batch = (
         *_move_routes(state, bridge),
         *_drop_addresses(state),
+        *_drop_kept_prefix_routes(state),
         *_drop_neighbours(state),
+        *_drop_rules(state),
     )
     prepare = Step(
         CreateBridge(bridge, state.nic.mac, state.nic.mtu),
         DeleteBridge(bridge),
     )
-    return Plan(nic=nic, bridge=bridge, prepare=prepare, make=make, batch=batch)
+    tune = _copy_sysctls(state, bridge)
+    return Plan(nic=nic, bridge=bridge, prepare=prepare, tune=tune, make=make, batch=batch)
 
 
 def moved_addresses(state: HostState) -> tuple[Address, ...]:
@@ -170,17 +235,85 @@ def moved_addresses(state: HostState) -> tuple[Address, ...]:
     )
 
 
+def is_kernel_route(r: Route, addresses: tuple[Address, ...]) -> bool:
+    """Made (and removed) by the kernel with an address or a device: local-table routes, the
+    IPv6 link-local prefix, and the prefix route of an address. A manager's route to the
+    prefix of a `noprefixroute` address, or with another metric, is not."""
+    if r.protocol != RTPROT_KERNEL:
+        return False
+    if r.table == RT_TABLE_LOCAL:
+        return True
+    if r.table != RT_TABLE_MAIN or r.next_hop is not None:
+        return False
+    if r.family == AF_INET6 and (r.dst, r.dst_len, r.priority) == ("fe80::", 64, 256):
+        return True
+    return any(_is_prefix_route_of(r, a) for a in addresses)
+
+
+def _is_prefix_route_of(r: Route, a: Address) -> bool:
+    if a.family != r.family or not a.makes_prefix_route:
+        return False
+    net = prefix_of(a)
+    metric = a.rt_priority or KERNEL_METRIC[a.family]
+    return (r.dst, r.dst_len, r.priority) == (str(net.network_address), net.prefixlen, metric)
+
+
+def prefix_of(a: Address) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_interface(f"{a.address}/{a.prefixlen}").network
+
+
 def moved_routes(state: HostState) -> tuple[Route, ...]:
-    """Routes that someone configured: the kernel makes prefix and local routes itself."""
+    """Every route through the NIC that the kernel did not make, on-link ones first: a route
+    through a gateway needs the route to the gateway's prefix on the same device."""
+    addresses = state.addresses_on(state.nic.name)
+    routes = [r for r in state.routes_on(state.nic.name) if not is_kernel_route(r, addresses)]
+    return tuple(sorted(routes, key=lambda r: r.next_hop is not None))
+
+
+def kept_prefix_routes(state: HostState) -> tuple[Route, ...]:
+    """Prefix routes the kernel may leave on the NIC when its IPv6 addresses go (it keeps them
+    for expiring addresses): the host would go on sending on-link traffic out of the port.
+    Deleted explicitly; "no such route" counts as done."""
+    moved = [a for a in moved_addresses(state) if a.family == AF_INET6 and a.finite]
     return tuple(
         r
         for r in state.routes_on(state.nic.name)
-        if r.table != RT_TABLE_LOCAL and r.protocol != RTPROT_KERNEL
+        if r.protocol == RTPROT_KERNEL and any(_is_prefix_route_of(r, a) for a in moved)
     )
 
 
 def carried_neighbours(state: HostState) -> tuple[Neighbour, ...]:
-    return tuple(n for n in state.neighbours_on(state.nic.name) if n.state & NUD_VALID)
+    return tuple(
+        n for n in state.neighbours_on(state.nic.name) if n.is_proxy or n.state & NUD_VALID
+    )
+
+
+def carried_counts(state: HostState) -> dict[str, int]:
+    """How many objects of each kind the takeover carries to the bridge."""
+    return {
+        "addresses": len(moved_addresses(state)),
+        "routes": len(moved_routes(state)),
+        "kernel prefix routes removed": len(kept_prefix_routes(state)),
+        "neighbours": sum(1 for n in carried_neighbours(state) if not n.is_proxy),
+        "proxy entries": sum(1 for n in carried_neighbours(state) if n.is_proxy),
+        "policy rules": len(carried_rules(state)),
+        "settings": len(copied_sysctls(state)),
+    }
+
+
+def carried_rules(state: HostState) -> tuple[Rule, ...]:
+    return tuple(r for r in state.rules if r.names(state.nic.name))
+
+
+def copied_sysctls(state: HostState) -> tuple[tuple[Sysctl, Sysctl], ...]:
+    """(the NIC's value, a new device's value) of each setting in which they differ."""
+    defaults = {(s.family, s.key): s for s in state.sysctls_on("default")}
+    pairs = []
+    for s in state.sysctls_on(state.nic.name):
+        default = defaults.get((s.family, s.key))
+        if default is not None and default.value != s.value:
+            pairs.append((s, default))
+    return tuple(pairs)
 
 
 def bridge_label(label: str | None, nic: str, bridge: str) -> str | None:
@@ -223,17 +356,23 @@ def _drop_addresses(state: HostState) -> list[Step]:
 def _carry_neighbours(state: HostState, bridge: str) -> list[Step]:
     steps = []
     for n in carried_neighbours(state):
-        copy = replace(n, dev=bridge, state=n.state if n.is_static else NUD_STALE)
+        copy = replace(n, dev=bridge, state=_kept_state(n))
         steps.append(Step(AddNeighbour(copy), DelNeighbour(copy)))
     return steps
 
 
+def _kept_state(n: Neighbour) -> int:
+    """Learned entries are written as STALE: the kernel confirms them on first use."""
+    return n.state if n.is_static or n.is_proxy else NUD_STALE
+
+
 def _drop_neighbours(state: HostState) -> list[Step]:
     # Explicit, so the inverse restores the NIC's entries. The kernel has flushed the IPv4 ones
-    # already when the NIC's last IPv4 address went: "no such entry" counts as done.
+    # (proxy entries too) already when the NIC's last IPv4 address went: "no such entry"
+    # counts as done.
     steps = []
     for n in carried_neighbours(state):
-        restored = n if n.is_static else replace(n, state=NUD_STALE)
+        restored = replace(n, state=_kept_state(n))
         steps.append(Step(DelNeighbour(n), AddNeighbour(restored)))
     return steps
 
@@ -245,6 +384,30 @@ def _move_routes(state: HostState, bridge: str) -> list[Step]:
         moved = r.on(bridge)
         steps.append(Step(ReplaceRoute(r, moved), ReplaceRoute(moved, r)))
     return steps
+
+
+def _drop_kept_prefix_routes(state: HostState) -> list[Step]:
+    return [Step(DelRoute(r), AddRoute(r)) for r in kept_prefix_routes(state)]
+
+
+def _add_rules(state: HostState, bridge: str) -> list[Step]:
+    # Rules naming the bridge match nothing until the NIC is its port: harmless beforehand.
+    steps = []
+    for r in carried_rules(state):
+        moved = r.on(state.nic.name, bridge)
+        steps.append(Step(AddRule(moved), DelRule(moved)))
+    return steps
+
+
+def _drop_rules(state: HostState) -> list[Step]:
+    return [Step(DelRule(r), AddRule(r)) for r in carried_rules(state)]
+
+
+def _copy_sysctls(state: HostState, bridge: str) -> tuple[Step, ...]:
+    return tuple(
+        Step(SetSysctl(nic.on(bridge)), SetSysctl(default.on(bridge)))
+        for nic, default in copied_sysctls(state)
+    )
 
 
 def is_migrated(state: HostState, bridge: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import assert_never
 
 from pyroute2 import IPRoute
 
@@ -19,14 +20,19 @@ from .model import HostState
 from .plan import (
     AddAddress,
     AddNeighbour,
+    AddRoute,
+    AddRule,
     CreateBridge,
     DelAddress,
     DeleteBridge,
     DelNeighbour,
+    DelRoute,
+    DelRule,
     Op,
     Plan,
     ReplaceRoute,
     SetMaster,
+    SetSysctl,
     Step,
 )
 from .snapshot import read_host, read_links
@@ -47,13 +53,32 @@ def restore(
     ipr: IPRoute, plan: Plan, snapshot: HostState, done: tuple[Step, ...], age: float
 ) -> RestoreResult:
     links = {name: link.index for name, link in read_links(ipr).items()}
-    undo = [s.undo for s in reversed(done)]
+    undo = on_link_first([s.undo for s in reversed(done)])
     # An inverse on a device that is gone has nothing left to undo.
     ops = [op for op in undo if all(d in links for d in op_devices(op))]
     result = send_batch(ops, links.__getitem__, age)
     failures = tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
     actual = read_host(ipr, plan.nic, plan.bridge)
     return RestoreResult(result, failures, differences(snapshot, actual, age))
+
+
+def on_link_first(ops: list[Op]) -> list[Op]:
+    """The same operations, but among those that install routes, the ones without a next hop
+    first: a route through a gateway needs the route to the gateway's prefix in place (a
+    manager's subnet route is an ordinary route here). The others keep their places."""
+    slots = [i for i, op in enumerate(ops) if isinstance(op, ReplaceRoute | AddRoute)]
+    routes = sorted((ops[i] for i in slots), key=_has_next_hop)
+    reordered = list(ops)
+    for i, op in zip(slots, routes, strict=True):
+        reordered[i] = op
+    return reordered
+
+
+def _has_next_hop(op: Op) -> bool:
+    route = (
+        op.new if isinstance(op, ReplaceRoute) else op.route if isinstance(op, AddRoute) else None
+    )
+    return route is not None and route.next_hop is not None
 
 
 def op_devices(op: Op) -> tuple[str, ...]:
@@ -70,18 +95,32 @@ def op_devices(op: Op) -> tuple[str, ...]:
             return (op.neighbour.dev,)
         case ReplaceRoute():
             return (op.new.dev,)
-    raise AssertionError(op)
+        case AddRoute() | DelRoute():
+            return (op.route.dev,)
+        case AddRule() | DelRule():
+            return ()  # a rule may name a device that does not exist
+        case SetSysctl():
+            return (op.sysctl.dev,)
+        case _:
+            assert_never(op)
 
 
 def already_so(op: Op, error: int) -> bool:
-    """The kernel refused because the state this inverse wants is already there."""
+    """The kernel refused because the state this operation wants is already there."""
     match op:
-        case AddAddress():
+        case AddAddress() | AddRule():
             return error == errno.EEXIST
         case DelAddress():
             return error in (errno.EADDRNOTAVAIL, errno.ENOENT)
-        case DelNeighbour():
+        case DelNeighbour() | DelRule():
             return error == errno.ENOENT
+        case DelRoute():
+            return error == errno.ESRCH
         case DeleteBridge():
             return error == errno.ENODEV
-    return False
+        case CreateBridge() | SetMaster() | AddNeighbour() | ReplaceRoute() | AddRoute():
+            return False
+        case SetSysctl():
+            return False
+        case _:
+            assert_never(op)

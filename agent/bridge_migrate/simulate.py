@@ -2,26 +2,52 @@
 host against, and the model the planner is property-tested on. Pure.
 
 It follows the kernel's ordering rules that matter for an exact restore: IPv4 secondaries go to the
-end of the device's list, a new IPv6 address goes before older ones of the same or narrower scope.
+end of the device's list, a new IPv6 address goes before older ones of the same or narrower scope;
+and its rules for the prefix route of an address (net/ipv4/fib_frontend.c, net/ipv6/addrconf.c):
+made with the first address of a prefix; IPv4 removes it with the last one; IPv6 removes it only
+when a permanent address goes and no other address of the prefix is left, and otherwise leaves
+it, expiring, behind.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import replace
+from typing import assert_never
 
-from .model import AF_INET, IFA_F_SECONDARY, Address, HostState, Neighbour, Route
+from .model import (
+    AF_INET,
+    IFA_F_SECONDARY,
+    KERNEL_METRIC,
+    RT_SCOPE_LINK,
+    RT_SCOPE_UNIVERSE,
+    RT_TABLE_MAIN,
+    RTN_UNICAST,
+    RTPROT_KERNEL,
+    Address,
+    HostState,
+    Neighbour,
+    Route,
+    Rule,
+    Sysctl,
+)
 from .plan import (
     AddAddress,
     AddNeighbour,
+    AddRoute,
+    AddRule,
     CreateBridge,
     DelAddress,
     DeleteBridge,
     DelNeighbour,
+    DelRoute,
+    DelRule,
     Op,
     ReplaceRoute,
     SetMaster,
+    SetSysctl,
     new_bridge_link,
+    prefix_of,
 )
 
 
@@ -40,7 +66,9 @@ def simulate_op(state: HostState, op: Op) -> HostState:
         case CreateBridge():
             if state.bridge is not None:
                 raise SimulationError(f"{op.name} exists")
-            return replace(state, bridge=new_bridge_link(op))
+            # A new device starts with the "default" settings.
+            fresh = tuple(s.on(op.name) for s in state.sysctls_on("default"))
+            return replace(state, bridge=new_bridge_link(op), sysctls=(*state.sysctls, *fresh))
         case DeleteBridge():
             return _delete_bridge(state, op.name)
         case SetMaster():
@@ -59,7 +87,36 @@ def simulate_op(state: HostState, op: Op) -> HostState:
             return replace(state, neighbours=rest)
         case ReplaceRoute():
             return replace(state, routes=_replace_route(state.routes, op.new))
-    raise AssertionError(op)
+        case AddRoute():
+            return replace(state, routes=_replace_route(state.routes, op.route))
+        case DelRoute():
+            # A route the kernel removed by itself counts as deleted (ESRCH is "already so").
+            key = route_key(op.route)
+            kept = (r for r in state.routes if not (route_key(r) == key and r.dev == op.route.dev))
+            return replace(state, routes=tuple(kept))
+        case AddRule():
+            if op.rule in state.rules:
+                raise SimulationError(f"{op.rule} exists")
+            return replace(state, rules=(*state.rules, op.rule))
+        case DelRule():
+            if op.rule not in state.rules:
+                raise SimulationError(f"no {op.rule}")
+            return replace(state, rules=_without(state.rules, op.rule))
+        case SetSysctl():
+            return replace(state, sysctls=_set_sysctl(state.sysctls, op.sysctl))
+        case _:
+            assert_never(op)
+
+
+def _without(rules: tuple[Rule, ...], gone: Rule) -> tuple[Rule, ...]:
+    return tuple(r for r in rules if r != gone)
+
+
+def _set_sysctl(sysctls: tuple[Sysctl, ...], new: Sysctl) -> tuple[Sysctl, ...]:
+    key = (new.family, new.dev, new.key)
+    if not any((s.family, s.dev, s.key) == key for s in sysctls):
+        raise SimulationError(f"no setting {new.path}")
+    return tuple(new if (s.family, s.dev, s.key) == key else s for s in sysctls)
 
 
 def route_key(r: Route) -> tuple[object, ...]:
@@ -80,15 +137,18 @@ def _same_neighbour(a: Neighbour, b: Neighbour) -> bool:
 
 
 def _delete_bridge(state: HostState, name: str) -> HostState:
+    # Rules naming a device outlive it (they match nothing until it comes back): kept.
     if state.bridge is None or state.bridge.name != name:
         raise SimulationError(f"no bridge {name}")
     nic = state.nic if state.nic.master != name else replace(state.nic, master=None)
-    return HostState(
+    return replace(
+        state,
         nic=nic,
         bridge=None,
         addresses=tuple((d, a) for d, a in state.addresses if d != name),
         routes=tuple(r for r in state.routes if r.dev != name),
         neighbours=tuple(n for n in state.neighbours if n.dev != name),
+        sysctls=tuple(s for s in state.sysctls if s.dev != name),
     )
 
 
@@ -102,7 +162,71 @@ def _add_address(state: HostState, dev: str, new: Address) -> HostState:
         new = _with_secondary_flag(new, same_family)
     entries = list(state.addresses)
     entries.insert(_insert_at(entries, dev, new), (dev, new))
-    return replace(state, addresses=tuple(entries))
+    routes = _prefix_route_added(state.routes, dev, new) if new.makes_prefix_route else state.routes
+    return replace(state, addresses=tuple(entries), routes=routes)
+
+
+def prefix_route(dev: str, a: Address, expires: int | None) -> Route:
+    """The route the kernel makes to the prefix of `a` on `dev`."""
+    net = prefix_of(a)
+    v4 = a.family == AF_INET
+    return Route(
+        family=a.family,
+        table=RT_TABLE_MAIN,
+        dst=str(net.network_address),
+        dst_len=net.prefixlen,
+        dev=dev,
+        gateway=None,
+        priority=a.rt_priority or KERNEL_METRIC[a.family],
+        protocol=RTPROT_KERNEL,
+        scope=RT_SCOPE_LINK if v4 else RT_SCOPE_UNIVERSE,
+        type=RTN_UNICAST,
+        tos=0,
+        prefsrc=a.address if v4 else None,
+        flags=0,
+        metrics=(),
+        pref=None if v4 else 0,
+        expires=None if v4 else expires,
+    )
+
+
+def _prefix_route_added(routes: tuple[Route, ...], dev: str, a: Address) -> tuple[Route, ...]:
+    made = prefix_route(dev, a, a.valid_lft if a.finite else None)
+    existing = _find_prefix_route(routes, made)
+    if existing is None:
+        return (*routes, made)
+    if existing.expires is None:  # IPv4, or a permanent route: the kernel leaves it (EEXIST)
+        return routes
+    # An expiring IPv6 prefix route takes the lifetime of the newest address, or none.
+    return tuple(replace(r, expires=made.expires) if r is existing else r for r in routes)
+
+
+def _find_prefix_route(routes: tuple[Route, ...], made: Route) -> Route | None:
+    key = route_key(made)
+    return next(
+        (r for r in routes if route_key(r) == key and r.dev == made.dev and r.gateway is None),
+        None,
+    )
+
+
+def _prefix_route_removed(
+    routes: tuple[Route, ...], dev: str, gone: Address, left: list[Address]
+) -> tuple[Route, ...]:
+    made = prefix_route(dev, gone, None)
+    existing = _find_prefix_route(routes, made)
+    net = prefix_of(gone)
+    same = [a for a in left if a.family == gone.family and prefix_of(a) == net]
+    if existing is None:
+        return routes
+    if gone.family == AF_INET:
+        return routes if same else tuple(r for r in routes if r is not existing)
+    if gone.finite or any(not a.finite or not a.makes_prefix_route for a in same):
+        return routes
+    if same:
+        lifetime = max(a.valid_lft for a in same)
+        expires = existing.expires if existing.expires is not None else lifetime
+        return tuple(replace(r, expires=expires) if r is existing else r for r in routes)
+    return tuple(r for r in routes if r is not existing)
 
 
 def _with_secondary_flag(new: Address, existing: list[Address]) -> Address:
@@ -136,4 +260,8 @@ def _del_address(state: HostState, dev: str, gone: Address) -> HostState:
     ]
     if len(keep) == len(state.addresses):
         raise SimulationError(f"no address {gone} on {dev}")
-    return replace(state, addresses=tuple(keep))
+    routes = state.routes
+    if gone.makes_prefix_route:
+        left = [a for d, a in keep if d == dev]
+        routes = _prefix_route_removed(routes, dev, gone, left)
+    return replace(state, addresses=tuple(keep), routes=routes)

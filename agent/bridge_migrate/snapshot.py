@@ -1,5 +1,6 @@
-"""Read the host over netlink into a HostState: one dump each of links, addresses, routes and
-neighbours, kept for the NIC and the bridge."""
+"""Read the host into a HostState: one dump each of links, addresses, routes, rules, neighbours
+(and proxy entries) and nexthop objects, the per-device settings, kept for the NIC and the
+bridge; and every object bound to the NIC that a move could not carry exactly, named."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from . import dump, sysctl
 from .model import (
     AF_INET,
     AF_INET6,
     FOREVER,
+    NTF_PROXY,
     NUD_VALID,
     RT_TABLE_MAIN,
     Address,
@@ -19,6 +22,8 @@ from .model import (
     Link,
     Neighbour,
     Route,
+    Rule,
+    RuleValue,
 )
 
 Msg = Any  # a pyroute2 netlink message: untyped by the library
@@ -50,8 +55,20 @@ def default_route_device(ipr: IPRoute, links: dict[str, Link]) -> str | None:
     return None
 
 
+RTA_NH_ID = 30  # pyroute2 0.9.7 decodes it as an unknown attribute: read it by number
+# Devices stacked on a NIC that cannot follow it into a bridge: enslaving fails (EBUSY) for the
+# ones with an rx handler (macvlan, macvtap, ipvlan), and a VLAN stops receiving.
+_UPPER_FIX = {
+    "macvlan": "recreate it with the bridge as its parent (Docker: `docker network create -d "
+    "macvlan -o parent=BRIDGE ...`), or give the guest a port on the bridge "
+    "(`bridge-migrate attach`)",
+    "vlan": "move it onto the bridge (`ip link add link BRIDGE name NAME type vlan id ID`) or "
+    "enable vlan_filtering on the bridge, by hand",
+}
+
+
 def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
-    """One dump each of links, addresses, routes and neighbours."""
+    """One dump of each kind; the per-device settings from /proc/sys."""
     links = read_links(ipr)
     if nic not in links:
         raise DeviceNotFound(nic)
@@ -59,6 +76,10 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
     if bridge in links:
         wanted[links[bridge].index] = bridge
     routes = list(ipr.get_routes())
+    link_msgs = list(ipr.get_links())
+    proxies = dump.proxy_neighbours()
+    rule_msgs = list(ipr.get_rules())
+    rules = [_rule(m) for m in rule_msgs]
     return HostState(
         nic=links[nic],
         bridge=links.get(bridge),
@@ -68,26 +89,80 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
         routes=tuple(
             _route(m, wanted)
             for m in routes
-            if m.get("RTA_OIF") in wanted and m.get("RTA_MULTIPATH") is None
+            if m.get("RTA_OIF") in wanted
+            and m.get("RTA_MULTIPATH") is None
+            and not _uses_nexthop(m)
         ),
         neighbours=tuple(
             _neighbour(m, wanted[m["ifindex"]])
-            for m in ipr.get_neighbours()
+            for m in [*ipr.get_neighbours(), *proxies]
             if m["ifindex"] in wanted and _is_carried(m)
         ),
-        unsupported=_unsupported(routes, links[nic]),
+        unsupported=(
+            *_unsupported_routes(routes, links[nic]),
+            *_uppers(link_msgs, links[nic]),
+            *_unsupported_rules(rule_msgs, nic),
+        ),
+        rules=tuple(r for r in rules if r.names(nic) or r.names(bridge)),
+        sysctls=sysctl.read(tuple(dict.fromkeys((nic, bridge, "default")))),
     )
 
 
-def _unsupported(routes: list[Msg], nic: Link) -> tuple[str, ...]:
+def _unsupported_routes(routes: list[Msg], nic: Link) -> tuple[str, ...]:
     found = []
+    on_nic = {nh for nh, oif in dump.nexthop_objects() if oif == nic.index}
+    for nh in sorted(on_nic):
+        found.append(
+            f"nexthop object {nh} is on {nic.name}: routes through nexthop objects are not "
+            f"moved; replace them with plain routes (`ip route replace ... via GW dev "
+            f"{nic.name}`) or move the nexthop to the bridge by hand"
+        )
     for m in routes:
         hops = m.get("RTA_MULTIPATH") or []
-        if m.get("RTA_NH_ID") is not None and m.get("RTA_OIF") in (None, nic.index):
-            found.append(f"{_dst(m)} uses nexthop object {m.get('RTA_NH_ID')}")
+        if _uses_nexthop(m) and m.get("RTA_OIF") == nic.index:
+            found.append(f"route {_dst(m)} goes through a nexthop object on {nic.name} (see above)")
         elif any(h["oif"] == nic.index for h in hops):
-            found.append(f"{_dst(m)} is a multipath route through {nic.name}")
+            found.append(
+                f"route {_dst(m)} is a multipath route through {nic.name}: make it a plain "
+                "route for the move, or move it to the bridge by hand"
+            )
     return tuple(found)
+
+
+def _uses_nexthop(m: Msg) -> bool:
+    return any(
+        name == "UNKNOWN" and value["header"]["type"] == RTA_NH_ID for name, value in m["attrs"]
+    )
+
+
+def _unsupported_rules(msgs: list[Msg], nic: str) -> list[str]:
+    found = []
+    for m in msgs:
+        if nic not in (m.get("FRA_IIFNAME"), m.get("FRA_OIFNAME")):
+            continue
+        extra = [n for n, _ in m["attrs"] if n not in _RULE_SCALARS | _RULE_SKIPPED]
+        if extra:
+            found.append(
+                f"{_rule(m)} has {', '.join(extra)}, which this tool does not carry: move "
+                f"the rule to the bridge by hand (`ip rule`)"
+            )
+    return found
+
+
+def _uppers(msgs: list[Msg], nic: Link) -> list[str]:
+    found = []
+    for m in msgs:
+        if m.get("IFLA_LINK") != nic.index or m["index"] == nic.index:
+            continue
+        if m.get("IFLA_LINK_NETNSID") is not None:
+            continue  # a peer in another namespace (veth): not stacked on the NIC
+        kind = m.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) or "device"
+        fix = _UPPER_FIX.get(kind.replace("tap", "vlan").replace("ipvlan", "macvlan"), "")
+        found.append(
+            f"{kind} {m.get('IFLA_IFNAME')} is stacked on {nic.name} and cannot follow it "
+            f"into a bridge: {fix or 'remove it, or move it onto the bridge, by hand'}"
+        )
+    return found
 
 
 def _link(m: Msg, names: dict[int, str]) -> Link:
@@ -121,11 +196,17 @@ def _address(m: Msg) -> Address:
         peer=peer,
         valid_lft=cache.get("ifa_valid", FOREVER),
         preferred_lft=cache.get("ifa_preferred", FOREVER),
+        rt_priority=m.get("IFA_RT_PRIORITY") or 0,
     )
+
+
+USER_HZ = 100  # RTA_CACHEINFO's rta_expires is in clock ticks
 
 
 def _route(m: Msg, names: dict[int, str]) -> Route:
     metrics = m.get("RTA_METRICS")
+    via = m.get("RTA_VIA")
+    expires = (m.get("RTA_CACHEINFO") or {}).get("rta_expires") or 0
     return Route(
         family=m["family"],
         table=m.get("RTA_TABLE") or m["table"],
@@ -142,12 +223,54 @@ def _route(m: Msg, names: dict[int, str]) -> Route:
         flags=m["flags"],
         metrics=tuple(sorted((k, v) for k, v in metrics["attrs"])) if metrics else (),
         pref=m.get("RTA_PREF"),
+        via=via["addr"] if via else None,
+        expires=-(-expires // USER_HZ) if expires > 0 else None,
+    )
+
+
+# Attributes kept as they are; the interface names are fields of their own. FRA_UID_RANGE and
+# the port ranges are structures this model does not carry: such a rule is refused.
+_RULE_SCALARS = {
+    "FRA_DST",
+    "FRA_SRC",
+    "FRA_GOTO",
+    "FRA_FWMARK",
+    "FRA_FWMASK",
+    "FRA_FLOW",
+    "FRA_TUN_ID",
+    "FRA_SUPPRESS_IFGROUP",
+    "FRA_SUPPRESS_PREFIXLEN",
+    "FRA_L3MDEV",
+    "FRA_PROTOCOL",
+    "FRA_IP_PROTO",
+}
+_RULE_SKIPPED = {"FRA_IIFNAME", "FRA_OIFNAME", "FRA_PRIORITY", "FRA_TABLE", "FRA_PAD"}
+
+
+def _rule(m: Msg) -> Rule:
+    attrs: list[tuple[str, RuleValue]] = [
+        (name, value) for name, value in m["attrs"] if name in _RULE_SCALARS
+    ]
+    return Rule(
+        family=m["family"],
+        priority=m.get("FRA_PRIORITY") or 0,
+        action=m["action"],
+        table=m.get("FRA_TABLE") or m["table"],
+        src_len=m["src_len"],
+        dst_len=m["dst_len"],
+        tos=m["tos"],
+        flags=m["flags"],
+        iifname=m.get("FRA_IIFNAME"),
+        oifname=m.get("FRA_OIFNAME"),
+        attrs=tuple(sorted(attrs)),
     )
 
 
 def _is_carried(m: Msg) -> bool:
     # Multicast entries are made by the kernel on every device; skip them and unresolved ones.
     dst = m.get("NDA_DST")
+    if m["flags"] & NTF_PROXY:
+        return bool(dst)
     lladdr = m.get("NDA_LLADDR")
     return bool(
         dst and lladdr and m["state"] & NUD_VALID and not ipaddress.ip_address(dst).is_multicast
@@ -158,7 +281,7 @@ def _neighbour(m: Msg, dev: str) -> Neighbour:
     return Neighbour(
         family=m["family"],
         dst=m.get("NDA_DST"),
-        lladdr=m.get("NDA_LLADDR"),
+        lladdr=m.get("NDA_LLADDR") or "",
         state=m["state"],
         flags=m["flags"],
         dev=dev,

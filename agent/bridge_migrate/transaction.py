@@ -22,7 +22,7 @@ from .compare import differences
 from .encode import Resolve
 from .errors import ExitCode, Refused
 from .model import AF_INET6, HostState
-from .plan import AddAddress, Plan, Step, is_migrated, plan_takeover
+from .plan import AddAddress, Plan, Step, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .ready import wait_until_ready
 from .record import Locked, Phase, Store, Transaction, current_boot_id
@@ -30,7 +30,7 @@ from .report import Report
 from .rollback import already_so, restore
 from .simulate import simulate
 from .snapshot import read_host, read_links
-from .verify import Probe, gateway_probes, run_probes
+from .verify import Probe, gateway_probes, run_probes, wrong_way
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,12 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
     report.attach("plan", plan)
+    report.attach("carried", carried_counts(state))
     report.phase(
-        "plan", started, f"{len(plan.make)} additions, then {len(plan.batch)} in one batch"
+        "plan",
+        started,
+        f"{len(plan.tune)} settings, {len(plan.make)} additions, "
+        f"then {len(plan.batch)} in one batch",
     )
     desired = simulate(state, [s.do for s in plan.steps])
     return Prepared(state, plan, desired, probes)
@@ -342,11 +346,14 @@ class _Run:
             raise StepFailed(created.outcomes[0].describe(), ())
         _boundary("bridge")
         done: tuple[Step, ...] = (plan.prepare,)
-        made = send_batch([s.do for s in plan.make], _resolver(self.ipr))
-        done += _succeeded(plan.make, made)
-        if _failures(made):
-            report.phase("prepare", started, f"{_acked(plan.make, made)}")
-            raise StepFailed("; ".join(o.describe() for o in _failures(made)), done)
+        resolve = _resolver(self.ipr)
+        for steps in (plan.tune, plan.make):
+            sent = send_batch([s.do for s in steps], resolve)
+            done += _succeeded(steps, sent)
+            if _failures(sent):
+                report.phase("prepare", started, _acked(steps, sent))
+                raise StepFailed("; ".join(o.describe() for o in _failures(sent)), done)
+        made = sent
         ipv6 = tuple(
             s.do.address.address
             for s in plan.make
@@ -366,6 +373,7 @@ class _Run:
             raise StepFailed("; ".join(o.describe() for o in _failures(result)), done)
         started = time.perf_counter()
         diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
+        diff += wrong_way(self.ipr, p.snapshot, plan.bridge)
         report.phase("check", started, "; ".join(diff) or "host matches the plan")
         if diff:
             raise StepFailed("host does not match the plan: " + "; ".join(diff), done)
@@ -453,12 +461,8 @@ def _resolver(ipr: IPRoute) -> Resolve:
 
 def _summary(state: HostState) -> str:
     nic = state.nic
-    v4 = sum(1 for a in state.addresses_on(nic.name) if a.family == 2)
-    v6 = sum(1 for a in state.addresses_on(nic.name) if a.family == 10)
-    return (
-        f"{nic.name} {nic.mac} mtu {nic.mtu}: {v4} IPv4 + {v6} IPv6 addresses, "
-        f"{len(state.routes_on(nic.name))} routes, {len(state.neighbours_on(nic.name))} neighbours"
-    )
+    counts = ", ".join(f"{n} {kind}" for kind, n in carried_counts(state).items() if n)
+    return f"{nic.name} {nic.mac} mtu {nic.mtu}: carries {counts or 'nothing'}"
 
 
 @dataclass

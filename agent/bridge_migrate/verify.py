@@ -8,6 +8,7 @@ echo from the moved global address for IPv6 (works while the bridge's link-local
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import select
 import socket
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from pyroute2 import IPRoute
 from tenacity import Retrying, retry_if_result, stop_before_delay, wait_fixed
 
 from .model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState, Route
@@ -269,3 +271,48 @@ def _await(s: socket.socket, wait: float, matches: Callable[[bytes], bool]) -> b
 
 
 _ASKERS: dict[str, type[_Asker]] = {"arp": _ArpAsker, "icmp": _IcmpAsker, "tcp": _TcpAsker}
+
+
+def wrong_way(ipr: IPRoute, snapshot: HostState, bridge: str) -> tuple[str, ...]:
+    """Ask the kernel (RTM_GETROUTE) how the host itself now reaches each next hop it had and
+    each moved prefix: through anything but the bridge, its traffic would go out of the port."""
+    found = []
+    names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+    for target in _route_targets(snapshot):
+        try:
+            (answer,) = ipr.route("get", dst=target)
+        except (OSError, ValueError) as e:
+            found.append(f"the host has no route to {target}: {e}")
+            continue
+        dev = names.get(answer.get("RTA_OIF"))
+        if dev != bridge:
+            found.append(f"the host sends to {target} via {dev}, not {bridge}")
+    return tuple(found)
+
+
+def _route_targets(snapshot: HostState) -> list[str]:
+    """The next hops of the moved routes in the main table, and an address in each moved
+    prefix that is not the host's own."""
+    nic = snapshot.nic.name
+    own = {a.address for _, a in snapshot.addresses}
+    # A link-local next hop names no device by itself: the probe bound to the bridge covers it.
+    targets = [
+        r.next_hop
+        for r in snapshot.routes_on(nic)
+        if r.next_hop
+        and r.table == RT_TABLE_MAIN
+        and r.family == _family_of(r.next_hop)
+        and not ipaddress.ip_address(r.next_hop).is_link_local
+    ]
+    for a in snapshot.addresses_on(nic):
+        if not a.is_global:
+            continue
+        net = ipaddress.ip_interface(f"{a.address}/{a.prefixlen}").network
+        spare = next((h for h in itertools.islice(map(str, net.hosts()), 4) if h not in own), None)
+        if spare is not None:
+            targets.append(spare)
+    return list(dict.fromkeys(t for t in targets if t is not None))
+
+
+def _family_of(address: str) -> int:
+    return AF_INET6 if ":" in address else AF_INET

@@ -1,0 +1,196 @@
+"""Everything bound to the NIC is carried to the bridge exactly, and put back exactly, or the
+takeover is refused before anything changes: against the real kernel, read back by the tests'
+own reader."""
+
+from __future__ import annotations
+
+import pytest
+from pyroute2 import IPRoute
+
+from conftest import Agent
+from hostview import HostView, assert_unchanged, read_view
+from netlab import Lab
+
+pytestmark = pytest.mark.root
+
+
+def migrate_then_roll_back(lab: Lab, agent: Agent) -> tuple[HostView, HostView]:
+    """apply (exit 0), then rollback (exit 0, host read back equal to before)."""
+    before = read_view(lab.host_ns)
+    run = agent("apply", "--timeout", "5")
+    assert run.code == 0, run.stdout + run.stderr
+    migrated = read_view(lab.host_ns)
+    back = agent("rollback")
+    assert back.code == 0, back.stdout + back.stderr
+    assert "host equals snapshot" in back.stdout
+    assert_unchanged(before, read_view(lab.host_ns))
+    return before, migrated
+
+
+def routes_on(view: HostView, dev: str) -> set[tuple[object, ...]]:
+    return {r for r in view.routes if r[4] == dev}
+
+
+def route_dev(lab: Lab, dst: str) -> str:
+    """The device the host itself would send to `dst` through (RTM_GETROUTE)."""
+    with IPRoute(netns=lab.host_ns, flags=0) as ipr:
+        (answer,) = ipr.route("get", dst=dst)
+        index = answer.get("RTA_OIF")
+        return str(ipr.get_links(index)[0].get("IFLA_IFNAME"))
+
+
+def test_expiring_ipv6_address_leaves_no_prefix_route_on_the_nic(lab: Lab, agent: Agent) -> None:
+    # A SLAAC/DHCPv6 host: the only address of its prefix has finite lifetimes, so the kernel
+    # keeps `PREFIX dev eth0 proto kernel expires` after the address leaves eth0.
+    lab.ip_batch(
+        lab.host_ns,
+        ["addr add 2001:db8:0:5::10/64 dev eth0 valid_lft 900 preferred_lft 600"],
+    )
+    before, migrated = migrate_then_roll_back(lab, agent)
+    prefix = [r for r in before.routes if r[2] == "2001:db8:0:5::"]
+    assert prefix and prefix[0][4] == "eth0" and prefix[0][13] is True  # expiring, on eth0
+    assert not [r for r in routes_on(migrated, "eth0") if r[2] == "2001:db8:0:5::"]
+    assert [r for r in routes_on(migrated, "br0") if r[2] == "2001:db8:0:5::"]
+
+
+def test_host_routes_through_the_bridge_after_the_takeover(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(
+        lab.host_ns, ["addr add 2001:db8:0:5::10/64 dev eth0 valid_lft 900 preferred_lft 600"]
+    )
+    assert agent("apply", "--timeout", "5").code == 0
+    for dst in ("2001:db8:0:5::99", lab.addrs.gw_v4, lab.addrs.gw_v6, lab.addrs.far_v4):
+        assert route_dev(lab, dst) == "br0", dst
+
+
+def test_route_attributes_are_carried_and_restored(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(
+        lab.host_ns,
+        [
+            # RA-learned shape: expires, preference.
+            "route add 2001:db8:77::/48 via 2001:db8:0:1::1 dev eth0 proto ra expires 600 "
+            "pref high",
+            # An IPv4 route through an IPv6 next hop (RTA_VIA).
+            "route add 198.19.9.0/24 via inet6 2001:db8:0:1::1 dev eth0",
+            # Metrics, another table, a protocol of its own.
+            "route add 198.19.8.0/24 via 198.18.0.1 dev eth0 table 100 proto static mtu 1400",
+        ],
+    )
+    before, migrated = migrate_then_roll_back(lab, agent)
+    for dst in ("2001:db8:77::", "198.19.9.0", "198.19.8.0"):
+        (was,) = [r for r in before.routes if r[2] == dst]
+        (now,) = [r for r in migrated.routes if r[2] == dst]
+        assert was[4] == "eth0" and now[4] == "br0"
+        assert (*was[:4], *was[5:]) == (*now[:4], *now[5:]), dst  # all else equal
+    ra = next(r for r in migrated.routes if r[2] == "2001:db8:77::")
+    assert ra[13] is True and ra[7] == 9  # still expiring, still proto ra
+
+
+def test_manager_subnet_route_for_noprefixroute_address(lab: Lab, agent: Agent) -> None:
+    # NetworkManager's shape: `noprefixroute` addresses, the subnet route its own (proto kernel,
+    # metric 100), the default route through it.
+    a = lab.addrs
+    lab.ip_batch(
+        lab.host_ns,
+        [
+            f"addr del {a.host_v4_secondary}/24 dev eth0",
+            f"addr del {a.host_v4}/24 dev eth0",  # the last IPv4 address: its routes go too
+            f"addr add {a.host_v4}/24 dev eth0 noprefixroute",
+            f"route add 198.18.0.0/24 dev eth0 proto kernel scope link src {a.host_v4} metric 100",
+            f"route add default via {a.gw_v4} dev eth0 proto static metric 100",
+        ],
+    )
+    _, migrated = migrate_then_roll_back(lab, agent)
+    assert any(r[2] == "198.18.0.0" and r[6] == 100 for r in routes_on(migrated, "br0"))
+    assert {r[2] for r in routes_on(migrated, "eth0") if r[1] == 254} <= {"fe80::"}
+
+
+def test_per_device_settings_are_copied(lab: Lab, agent: Agent) -> None:
+    tuned = {
+        "net.ipv4.conf.eth0.rp_filter": 1,
+        "net.ipv4.conf.eth0.arp_ignore": 1,
+        "net.ipv4.conf.eth0.arp_announce": 2,
+        "net.ipv4.conf.eth0.proxy_arp": 1,
+        "net.ipv4.conf.eth0.forwarding": 1,
+        "net.ipv6.conf.eth0.accept_ra": 0,
+        "net.ipv6.conf.eth0.forwarding": 1,
+        "net.ipv6.conf.eth0.hop_limit": 33,
+    }
+    lab.sysctl(lab.host_ns, tuned)
+    _, migrated = migrate_then_roll_back(lab, agent)
+    for key, value in tuned.items():
+        path = key.removeprefix("net.").replace(".", "/").replace("/eth0/", "/br0/")
+        assert migrated.sysctl(path) == str(value), path
+
+
+def test_policy_rules_naming_the_nic_follow_it(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(
+        lab.host_ns,
+        [
+            "rule add iif eth0 table 100 pref 100",
+            "rule add oif eth0 fwmark 7 table 101 pref 101",
+            "rule add from ::/0 iif eth0 table 102 pref 102",
+        ],
+    )
+    before, migrated = migrate_then_roll_back(lab, agent)
+
+    def naming(view: HostView, dev: str) -> int:
+        return sum(1 for r in view.rules if ("FRA_IIFNAME", dev) in r or ("FRA_OIFNAME", dev) in r)
+
+    assert naming(before, "eth0") == 3 and naming(migrated, "br0") == 3
+    assert naming(migrated, "eth0") == 0
+
+
+def test_proxy_entries_follow_the_nic(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(
+        lab.host_ns,
+        [
+            "neigh add proxy 198.18.0.77 dev eth0",
+            "neigh add proxy 2001:db8:0:1::77 dev eth0",
+        ],
+    )
+    before, migrated = migrate_then_roll_back(lab, agent)
+    assert before.proxies == {("eth0", "198.18.0.77"), ("eth0", "2001:db8:0:1::77")}
+    assert migrated.proxies == {("br0", "198.18.0.77"), ("br0", "2001:db8:0:1::77")}
+
+
+@pytest.mark.parametrize("kind", ["macvlan", "macvtap"])
+def test_upper_device_is_refused_by_name(lab: Lab, agent: Agent, kind: str) -> None:
+    # (VLAN and ipvlan devices cannot be made here: this kernel has no 8021q, no ipvlan.)
+    lab.ip_batch(lab.host_ns, [f"link add up0 link eth0 type {kind}"])
+    before = read_view(lab.host_ns)
+    run = agent("apply")
+    assert run.code == 3, run.stdout + run.stderr
+    assert f"{kind} up0 is stacked on eth0" in run.stderr
+    assert "bridge" in run.stderr and "Nothing was changed" in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+    plan = agent("plan", "--json")
+    assert plan.code == 3 and f"{kind} up0" in plan.json()["message"]
+
+
+def test_routes_through_nexthop_objects_are_refused(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(
+        lab.host_ns,
+        ["nexthop add id 7 via 198.18.0.1 dev eth0", "route add 198.19.10.0/24 nhid 7"],
+    )
+    before = read_view(lab.host_ns)
+    run = agent("apply")
+    assert run.code == 3, run.stdout + run.stderr
+    assert "nexthop object 7 is on eth0" in run.stderr
+    assert "198.19.10.0/24" in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_plan_lists_what_it_carries_per_kind(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(
+        lab.host_ns,
+        ["rule add iif eth0 table 100 pref 100", "neigh add proxy 198.18.0.77 dev eth0"],
+    )
+    lab.sysctl(lab.host_ns, {"net.ipv4.conf.eth0.rp_filter": 1})
+    text = agent("plan")
+    assert text.code == 0, text.stderr
+    assert "1 policy rules" in text.stdout and "1 proxy entries" in text.stdout
+    assert "set net.ipv4.conf.br0.rp_filter = 1" in text.stdout
+    assert "add rule pref 100 iif br0 table 100" in text.stdout
+    doc = agent("plan", "--json").json()
+    assert doc["carried"]["policy rules"] == 1 and doc["carried"]["settings"] >= 1
+    assert doc["carried"]["proxy entries"] == 1
