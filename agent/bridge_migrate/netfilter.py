@@ -61,7 +61,7 @@ _OUTPUT_ECHO = 1 << 5  # NFT_CTX_OUTPUT_ECHO: a command's objects come back with
 REWRITTEN_FAMILIES = ("ip", "ip6", "inet", "arp")
 _NAME_KEYS = ("iifname", "oifname")
 _INDEX_KEYS = ("iif", "oif")
-_STATEFUL = {"counter": ("packets", "bytes"), "quota": ("used",)}
+_STATEFUL = {"counter": ("packets", "bytes"), "quota": ("used", "used_unit")}
 _LEGACY_TIMEOUT = 5.0
 
 
@@ -457,8 +457,8 @@ class _Rewriter:
             return self.new
         if value == self.new:
             self.problems.append(
-                f'already names "{self.new}", which does not exist yet: after the takeover it '
-                "would match the host's traffic; remove it or change it by hand first"
+                f'already names "{self.new}": after the takeover it would match the '
+                "host's traffic; remove it or change it by hand first"
             )
         elif key in _NAME_KEYS and _wildcard_matches(value, self.old):
             self.problems.append(
@@ -586,15 +586,16 @@ def _stateless(statements: list[Json]) -> list[Json]:
 
 
 def _with_state(statement: Json, source: Json) -> Json:
-    """`statement` with the counter/quota values of `source` (zeros if None)."""
+    """`statement` with the counter/quota values of `source` (without any if None)."""
     if not isinstance(statement, dict):
         return statement
     for kind, fields in _STATEFUL.items():
         body = statement.get(kind)
         if isinstance(body, dict):
             src = source.get(kind) if isinstance(source, dict) else None
-            values = src if isinstance(src, dict) else {}
-            return {**statement, kind: {**body, **{f: values.get(f, 0) for f in fields}}}
+            state = {f: v for f, v in src.items() if f in fields} if isinstance(src, dict) else {}
+            rest = {f: v for f, v in body.items() if f not in fields}
+            return {**statement, kind: {**rest, **state}}
     return statement
 
 
@@ -718,7 +719,9 @@ def _statement(s: Json) -> str:
         return f"{kind} {body['target']}"
     if kind == "counter" and isinstance(body, dict):
         return f"counter packets {body.get('packets', 0)} bytes {body.get('bytes', 0)}"
-    if kind in ("quota", "limit", "log") and isinstance(body, dict):
+    if kind == "quota" and isinstance(body, dict):
+        return f"quota {body.get('val')} {body.get('val_unit', 'bytes')}"
+    if kind in ("limit", "log") and isinstance(body, dict):
         return " ".join([kind, *(f"{k} {_expr(v)}" for k, v in body.items())])
     if kind in ("vmap", "map"):
         data = _compared(body["data"], interface_keys(body["key"]))
@@ -755,6 +758,8 @@ def _expr(e: Json) -> str:
     if not isinstance(e, dict) or len(e) != 1:
         return canonical(e)
     ((kind, body),) = e.items()
+    if body is None:
+        return str(kind)  # a verdict in a map
     render_kind = _EXPRS.get(kind, lambda b: f"{kind} {canonical(b)}")
     return render_kind(body)
 
