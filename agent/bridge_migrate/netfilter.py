@@ -245,6 +245,8 @@ def classify(objects: list[Json], nic: str, bridge: str) -> NftRules:
         if obj["family"] not in REWRITTEN_FAMILIES:
             continue
         rule = _rule(obj, tables[(obj["family"], obj["table"])])
+        if not _may_name(rule.expr, nic, bridge):
+            continue  # most rules: skip the walk
         problems = rule_problems(rule, nic, bridge)
         if problems:
             blockers.extend(f"{rule}: {p}" for p in problems)
@@ -269,6 +271,11 @@ def _rule(obj: Json, table_handle: int) -> NftRule:
         expr=canonical(obj["expr"]),
         comment=obj.get("comment"),
     )
+
+
+def _may_name(expr: str, *names: str) -> bool:
+    """Whether canonical JSON could name one of `names`, exactly or by a wildcard."""
+    return '*"' in expr or any(json.dumps(n) in expr for n in names)
 
 
 def canonical(value: Json) -> str:
