@@ -216,6 +216,8 @@ def read_nic_rules(nic: str, bridge: str = "br0") -> NftRules:
     A rule that already names `bridge` (or a wildcard matching it) is a blocker too: it would
     start matching the host's traffic after the takeover.
     """
+    if not _net_admin():  # libnftables would also print "you must be root" on stderr
+        return NftRules((), (), "netfilter rules not read: needs root (CAP_NET_ADMIN)")
     legacy = tuple(legacy_iptables_blockers(nic, bridge))
     if not available():
         blockers = (*legacy, *_iptables_nft_without_library(nic, bridge))
@@ -228,11 +230,22 @@ def read_nic_rules(nic: str, bridge: str = "br0") -> NftRules:
     return NftRules(found.rules, (*found.blockers, *legacy), found.note)
 
 
+_CAP_NET_ADMIN = 12
+
+
+def _net_admin() -> bool:
+    """Whether this process has CAP_NET_ADMIN, which reading the ruleset takes."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return os.geteuid() == 0
+    return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+
+
 def _unreadable(error: str, legacy: tuple[str, ...]) -> NftRules:
     if "Protocol not supported" in error:  # the kernel has no nf_tables: no rules either
         return NftRules((), legacy, f"no nf_tables in this kernel: {error}")
-    if os.geteuid() != 0:
-        return NftRules((), legacy, f"nftables ruleset not read (not root): {error}")
     return NftRules((), (*legacy, f"cannot read the nftables ruleset: {error}"))
 
 
@@ -722,6 +735,8 @@ def _statement(s: Json) -> str:
         return f"{_expr(body['left'])} {op}{right}"
     if body is None:
         return str(kind)  # accept, drop, continue, return
+    if kind == "xt" and isinstance(body, dict):
+        return f"xt {body.get('type')} {body.get('name')}"
     if kind in ("jump", "goto"):
         return f"{kind} {body['target']}"
     if kind == "counter" and isinstance(body, dict):
