@@ -24,13 +24,18 @@ loaded in process with ctypes: no text is parsed or edited.
   The inverse is the same replacement with the original expression, so the restored ruleset is
   identical, handles included. Rule counters are carried both ways.
 - Guard: nftables has no compare-and-swap for rule content (libnftables sends the ruleset
-  generation id with a batch but replays on a mismatch). A rule never changes under a handle (a
-  replacement is a new rule object), a chain of handles only grows, and a table recreated under
-  the same name gets a new table handle. So just before sending, apply_change reads the ruleset
-  again and requires every rule at its (family, table, table handle, chain, handle) to carry the
-  expression and comment it was planned from (counters aside), and, going forward, that no other
-  rule names the NIC. What remains is the time between that read and the transaction (~1 ms),
-  during which a rule whose handle is gone makes the whole transaction fail.
+  generation id with a batch, but replays the batch on a mismatch). A replacement keeps the
+  handle, so a handle alone proves nothing; a table recreated under the same name gets a new
+  table handle. So just before sending, apply_change reads the ruleset again and requires every
+  rule at its (family, table, table handle, chain, handle) to carry the expression and comment
+  it was planned from (counters aside), and, going forward, that no other rule names the NIC.
+  What remains is the ~1 ms between that read and the transaction; a rule whose handle is gone
+  by then makes the whole transaction fail in the kernel.
+- Cost (2 cores, kernel 6.18, nftables 1.0.6): loading the library ~0.9 ms once; reading an empty
+  ruleset ~0.1 ms, 50 rules ~4 ms. A transaction takes ~15 ms whatever its size (the same with
+  `nft -f`): the kernel's commit; the new rules take effect at once within it.
+- Because the handles stay, the planned change is already its own undo record: store it before
+  sending, and `undo_change(planned)` is right whether or not the transaction happened.
 """
 
 from __future__ import annotations
