@@ -30,6 +30,7 @@ class HostView:
     rules: frozenset[tuple[object, ...]]
     proxies: frozenset[tuple[object, ...]]  # dev, dst
     sysctls: frozenset[tuple[str, str]]  # "ipv4/conf/eth0/rp_filter", value
+    ruleset: str  # `nft -j list ruleset`, without its metainfo
 
     def sysctl(self, path: str) -> str | None:
         return next((v for k, v in self.sysctls if k == path), None)
@@ -51,6 +52,7 @@ def read_view(netns: str) -> HostView:
                 (n["dev"], n["dst"]) for n in _ip_json(netns, "neigh", "show", "proxy")
             ),
             sysctls=_sysctls(netns),
+            ruleset=_ruleset(netns),
             links=tuple(sorted(_link(m, names) for m in links)),
             addresses=tuple(_address(m, names) for m in ipr.get_addr()),
             routes=frozenset(_route(m, names) for m in ipr.get_routes()),
@@ -144,6 +146,12 @@ def _ip_json(netns: str, *argv: str) -> list[dict[str, Any]]:
     return list(json.loads(out)) if out.strip() else []
 
 
+def _ruleset(netns: str) -> str:
+    out = _nsenter(netns, "nft", "-j", "list", "ruleset")
+    objects = json.loads(out)["nftables"] if out.strip() else []
+    return json.dumps([o for o in objects if "metainfo" not in o], sort_keys=True)
+
+
 def _sysctls(netns: str) -> frozenset[tuple[str, str]]:
     # /proc/sys/net belongs to the namespace of whoever opens it: read from inside.
     out = _nsenter(netns, "sh", "-c", "cd /proc/sys/net && grep -r . ipv4/conf ipv6/conf")
@@ -161,6 +169,7 @@ def assert_unchanged(before: HostView, after: HostView) -> None:
     assert after.rules == before.rules
     assert after.proxies == before.proxies
     assert after.sysctls == before.sysctls
+    assert after.ruleset == before.ruleset
     # Every entry is back; the kernel may have learned more from traffic since (dynamic ones).
     assert before.neighbours <= after.neighbours
     assert all(n[3] == 0 for n in after.neighbours - before.neighbours)

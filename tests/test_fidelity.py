@@ -194,3 +194,52 @@ def test_plan_lists_what_it_carries_per_kind(lab: Lab, agent: Agent) -> None:
     doc = agent("plan", "--json").json()
     assert doc["carried"]["policy rules"] == 1 and doc["carried"]["settings"] >= 1
     assert doc["carried"]["proxy entries"] == 1
+
+
+FIREWALL = """
+table inet host {
+  chain input {
+    type filter hook input priority 0; policy drop;
+    ct state established,related accept
+    iifname "lo" accept
+    iifname "eth0" ip6 nexthdr ipv6-icmp accept
+    iifname { "eth0", "lo" } icmp type echo-request accept
+    iifname "eth0" udp dport 7 accept
+    meta iifname "eth0" counter drop comment "the NIC's drop rule"
+  }
+}
+table bridge guard {
+  chain forward {
+    type filter hook forward priority 0; policy accept;
+    iifname "eth0" counter
+  }
+}
+"""
+
+
+def test_firewall_naming_the_nic_is_rewritten_in_one_transaction(lab: Lab, agent: Agent) -> None:
+    # The most common host firewall: drop policy, accept what arrives on the NIC. Without the
+    # rewrite, neighbour discovery on br0 is dropped (the IPv6 gateway probe fails) and the
+    # LAN's new pings are too.
+    lab.run(lab.host_ns, ["nft", "-f", "-"], input=FIREWALL, timeout=10).check_returncode()
+    plan = agent("plan")
+    assert plan.code == 0, plan.stderr
+    assert "nftables inet host input handle" in plan.stdout and '-> iifname "br0"' in plan.stdout
+    before, migrated = migrate_then_roll_back(lab, agent)
+    assert migrated.ruleset.count('"br0"') == 4 and '"eth0"' in migrated.ruleset  # bridge family
+    assert before.ruleset.count('"br0"') == 0
+    # Migrated again, the LAN's new pings get through the rewritten rules.
+    assert agent("apply", "--timeout", "5").code == 0
+    a = lab.addrs
+    lab.wait_reachable(lab.peer_ns, [a.host_v4, a.host_v6], timeout=3)
+
+
+def test_firewall_rule_that_cannot_be_rewritten_is_refused(lab: Lab, agent: Agent) -> None:
+    rules = 'table inet t {\n set ifs { type ifname; elements = { "eth0" }; }\n'
+    rules += " chain c { type filter hook input priority 0; iifname @ifs accept; }\n}\n"
+    lab.run(lab.host_ns, ["nft", "-f", "-"], input=rules, timeout=10).check_returncode()
+    before = read_view(lab.host_ns)
+    run = agent("apply")
+    assert run.code == 3, run.stdout + run.stderr
+    assert "ifs" in run.stderr and "Nothing was changed" in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))

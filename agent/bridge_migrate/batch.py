@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import sysctl
+from . import netfilter, sysctl
 from .encode import Resolve, encode, is_netlink
-from .plan import Op, SetMaster, SetSysctl
+from .plan import Op, RestoreFirewall, RewriteFirewall, SetMaster, SetSysctl
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
@@ -90,12 +90,24 @@ def send_batch(ops: Sequence[Op], resolve: Resolve, age: float = 0.0) -> BatchRe
         if netlink:
             outcomes += _send(run, resolve, age)
         else:
-            outcomes += (Outcome(op, sysctl.write(op.sysctl), "") for op in _settings(run))
+            outcomes += (_run_alone(op) for op in run)
     return BatchResult(tuple(outcomes), time.perf_counter() - started)
 
 
-def _settings(ops: list[Op]) -> list[SetSysctl]:
-    return [op for op in ops if isinstance(op, SetSysctl)]
+def _run_alone(op: Op) -> Outcome:
+    """An operation that is not a netlink message: a /proc/sys write, an nftables transaction."""
+    match op:
+        case SetSysctl():
+            return Outcome(op, sysctl.write(op.sysctl), "")
+        case RewriteFirewall():
+            return _nft_outcome(op, netfilter.apply_change(op.change))
+        case RestoreFirewall():
+            return _nft_outcome(op, netfilter.undo_change(op.change))
+    raise ValueError(f"a netlink operation: {op}")
+
+
+def _nft_outcome(op: Op, result: netfilter.NftResult) -> Outcome:
+    return Outcome(op, 0 if result.ok else errno.EPROTO, result.error)
 
 
 def _send(ops: list[Op], resolve: Resolve, age: float) -> list[Outcome]:

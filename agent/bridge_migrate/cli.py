@@ -17,6 +17,7 @@ from pyroute2 import IPRoute
 from . import detach
 from .config import DEFAULT_PATH, Config, load_config, where
 from .errors import ExitCode, Failure, UsageError
+from .plan import RewriteFirewall
 from .preflight import check_name, check_timeout
 from .record import Store, StoreError, Transaction
 from .report import Report
@@ -206,6 +207,7 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
         ("route", state.routes_on(nic)),
         ("neighbour", state.neighbours_on(nic)),
         ("", state.rules),
+        ("nftables rule", state.firewall),
         ("setting", state.sysctls_on(nic)),
     ):
         for item in items:
@@ -218,6 +220,9 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
     ]
     for label, step in steps:
         report.note(f"{label} {step.do!s:<60}  undo: {step.undo}")
+        if isinstance(step.do, RewriteFirewall):
+            for rewrite in step.do.change.rewrites:
+                report.note(f"        nftables {rewrite}")
     report.note("verify  " + ", ".join(str(p) for p in prepared.probes))
     report.finish(ExitCode.OK, "plan", "nothing was changed")
     return ExitCode.OK

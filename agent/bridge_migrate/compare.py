@@ -26,6 +26,7 @@ from .model import (
     Link,
     Route,
 )
+from .netfilter import same_rule
 
 LIFETIME_SLACK = 2  # seconds: lifetimes tick while we work
 
@@ -43,6 +44,7 @@ def differences(expected: HostState, actual: HostState, age: float = 0.0) -> tup
         *_neighbour_differences(expected, actual),
         *_rule_differences(expected, actual),
         *_sysctl_differences(expected, actual),
+        *_firewall_differences(expected, actual),
     )
 
 
@@ -192,3 +194,17 @@ def _neighbour_differences(expected: HostState, actual: HostState) -> Iterable[s
     for h in actual.neighbours:
         if (h.is_static or h.is_proxy) and (h.dev, h.dst, h.is_proxy) not in wanted:
             yield f"neighbour {h} should not be there"
+
+
+def _firewall_differences(expected: HostState, actual: HostState) -> Iterable[str]:
+    have = {r.key: r for r in actual.firewall}
+    for r in expected.firewall:
+        h = have.get(r.key)
+        if h is None:
+            yield f"nftables rule {r} is missing"
+        elif not same_rule(r, h):
+            yield f"nftables rule {r.where} is {h.text}, expected {r.text}"
+    wanted = {r.key for r in expected.firewall}
+    for h in actual.firewall:
+        if h.key not in wanted:
+            yield f"nftables rule {h} should not be there"

@@ -49,6 +49,8 @@ from .plan import (
     DelRule,
     Op,
     ReplaceRoute,
+    RestoreFirewall,
+    RewriteFirewall,
     SetMaster,
     SetSysctl,
 )
@@ -113,13 +115,17 @@ def _message(op: Op, resolve: Resolve, age: float) -> tuple[Any, int, int, Raw]:
             return _rule(op.rule), RTM_DELRULE, 0, []
         case SetSysctl():
             return _link(resolve(op.sysctl.dev)), RTM_NEWLINK, 0, _inet_conf(op)
+        case RewriteFirewall() | RestoreFirewall():
+            raise ValueError(f"not a netlink operation: {op}")
         case _:
             assert_never(op)
 
 
 def is_netlink(op: Op) -> bool:
-    """Sent in a netlink batch; the rest (IPv6 settings) go through /proc/sys."""
-    return not isinstance(op, SetSysctl) or by_netlink(op.sysctl)
+    """Sent in a netlink batch; the rest go through /proc/sys (IPv6 settings) or nftables."""
+    if isinstance(op, SetSysctl):
+        return by_netlink(op.sysctl)
+    return not isinstance(op, RewriteFirewall | RestoreFirewall)
 
 
 def _link(index: int) -> Any:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, replace
 
+from .netfilter import NftRule
+
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
 
@@ -251,6 +253,7 @@ class HostState:
     unsupported: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()  # policy rules naming the NIC or the bridge
     sysctls: tuple[Sysctl, ...] = ()  # of the NIC, the bridge and "default"
+    firewall: tuple[NftRule, ...] = ()  # nftables rules naming the NIC or the bridge
 
     def sysctls_on(self, dev: str) -> tuple[Sysctl, ...]:
         return tuple(s for s in self.sysctls if s.dev == dev)

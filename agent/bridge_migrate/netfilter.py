@@ -235,6 +235,19 @@ def read_nic_rules(nic: str, bridge: str = "br0") -> NftRules:
     return NftRules(found.rules, (*found.blockers, *legacy), found.note)
 
 
+def read_rules(nic: str, bridge: str) -> NftRules:
+    """`read_nic_rules`, plus the rewritable rules that name the bridge instead (what a
+    takeover made of them), so that a host can be compared before and after."""
+    found = read_nic_rules(nic, bridge)
+    if found.note or not available():
+        return found
+    try:
+        renamed = classify(list_ruleset(), bridge, nic).rules
+    except NftError:
+        return found
+    return replace(found, rules=(*found.rules, *renamed))
+
+
 _CAP_NET_ADMIN = 12
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, replace
 
+from . import netfilter
 from .model import (
     AF_INET,
     AF_INET6,
@@ -39,6 +40,7 @@ from .model import (
     Rule,
     Sysctl,
 )
+from .netfilter import NftChange, NftRule, NftRules
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,26 @@ class DelRule:
 
 
 @dataclass(frozen=True)
+class RewriteFirewall:
+    """One nftables transaction: the rules naming the NIC name the bridge instead."""
+
+    change: NftChange
+
+    def __str__(self) -> str:
+        return f"rewrite {len(self.change.rewrites)} nftables rule(s) to {self.change.new}"
+
+
+@dataclass(frozen=True)
+class RestoreFirewall:
+    """The inverse transaction of `change` (rules already back are left as they are)."""
+
+    change: NftChange
+
+    def __str__(self) -> str:
+        return f"restore {len(self.change.rewrites)} nftables rule(s) to {self.change.old}"
+
+
+@dataclass(frozen=True)
 class SetSysctl:
     sysctl: Sysctl
 
@@ -167,6 +189,8 @@ Op = (
     | AddRule
     | DelRule
     | SetSysctl
+    | RewriteFirewall
+    | RestoreFirewall
 )
 OP_TYPES: tuple[type, ...] = (
     CreateBridge,
@@ -182,6 +206,8 @@ OP_TYPES: tuple[type, ...] = (
     AddRule,
     DelRule,
     SetSysctl,
+    RewriteFirewall,
+    RestoreFirewall,
 )
 
 
@@ -212,6 +238,9 @@ def plan_takeover(state: HostState, bridge: str) -> Plan:
         Step(SetMaster(nic, bridge), SetMaster(nic, None)),
         *_add_addresses(state, bridge),
         *_carry_neighbours(state, bridge),
+        # Last: its transaction takes ~15 ms, which must not sit between the NIC becoming a
+        # port and the bridge holding the addresses.
+        *_rewrite_firewall(state, bridge),
     )
     batch = (
         *_move_routes(state, bridge),
@@ -298,6 +327,7 @@ def carried_counts(state: HostState) -> dict[str, int]:
         "proxy entries": sum(1 for n in carried_neighbours(state) if n.is_proxy),
         "policy rules": len(carried_rules(state)),
         "settings": len(copied_sysctls(state)),
+        "nftables rules": len(firewall_rules(state)),
     }
 
 
@@ -401,6 +431,20 @@ def _add_rules(state: HostState, bridge: str) -> list[Step]:
 
 def _drop_rules(state: HostState) -> list[Step]:
     return [Step(DelRule(r), AddRule(r)) for r in carried_rules(state)]
+
+
+def firewall_rules(state: HostState) -> tuple[NftRule, ...]:
+    nic = state.nic.name
+    return tuple(r for r in state.firewall if netfilter.names_device(r.statements, nic))
+
+
+def firewall_change(state: HostState, bridge: str) -> NftChange:
+    return netfilter.plan_rewrite(NftRules(firewall_rules(state), ()), state.nic.name, bridge)
+
+
+def _rewrite_firewall(state: HostState, bridge: str) -> list[Step]:
+    change = firewall_change(state, bridge)
+    return [Step(RewriteFirewall(change), RestoreFirewall(change))] if change.rewrites else []
 
 
 def _copy_sysctls(state: HostState, bridge: str) -> tuple[Step, ...]:

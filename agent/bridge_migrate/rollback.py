@@ -31,6 +31,8 @@ from .plan import (
     Op,
     Plan,
     ReplaceRoute,
+    RestoreFirewall,
+    RewriteFirewall,
     SetMaster,
     SetSysctl,
     Step,
@@ -101,6 +103,8 @@ def op_devices(op: Op) -> tuple[str, ...]:
             return ()  # a rule may name a device that does not exist
         case SetSysctl():
             return (op.sysctl.dev,)
+        case RewriteFirewall() | RestoreFirewall():
+            return ()
         case _:
             assert_never(op)
 
@@ -120,7 +124,7 @@ def already_so(op: Op, error: int) -> bool:
             return error == errno.ENODEV
         case CreateBridge() | SetMaster() | AddNeighbour() | ReplaceRoute() | AddRoute():
             return False
-        case SetSysctl():
+        case SetSysctl() | RewriteFirewall() | RestoreFirewall():
             return False
         case _:
             assert_never(op)

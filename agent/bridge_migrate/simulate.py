@@ -31,6 +31,7 @@ from .model import (
     Rule,
     Sysctl,
 )
+from .netfilter import NftChange, NftRule
 from .plan import (
     AddAddress,
     AddNeighbour,
@@ -44,6 +45,8 @@ from .plan import (
     DelRule,
     Op,
     ReplaceRoute,
+    RestoreFirewall,
+    RewriteFirewall,
     SetMaster,
     SetSysctl,
     new_bridge_link,
@@ -104,8 +107,18 @@ def simulate_op(state: HostState, op: Op) -> HostState:
             return replace(state, rules=_without(state.rules, op.rule))
         case SetSysctl():
             return replace(state, sysctls=_set_sysctl(state.sysctls, op.sysctl))
+        case RewriteFirewall():
+            return replace(state, firewall=_rewritten(state.firewall, op.change))
+        case RestoreFirewall():
+            return replace(state, firewall=_rewritten(state.firewall, op.change.inverse()))
         case _:
             assert_never(op)
+
+
+def _rewritten(rules: tuple[NftRule, ...], change: NftChange) -> tuple[NftRule, ...]:
+    """Each rule replaced in place (same handle); one already rewritten is left as it is."""
+    after = {r.before.key: r.after for r in change.rewrites}
+    return tuple(after.get(r.key, r) for r in rules)
 
 
 def _without(rules: tuple[Rule, ...], gone: Rule) -> tuple[Rule, ...]:

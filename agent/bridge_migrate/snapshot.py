@@ -9,7 +9,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from . import dump, sysctl
+from . import dump, netfilter, sysctl
 from .model import (
     AF_INET,
     AF_INET6,
@@ -80,6 +80,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
     proxies = dump.proxy_neighbours()
     rule_msgs = list(ipr.get_rules())
     rules = [_rule(m) for m in rule_msgs]
+    firewall = netfilter.read_rules(nic, bridge)
     return HostState(
         nic=links[nic],
         bridge=links.get(bridge),
@@ -102,7 +103,9 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
             *_unsupported_routes(routes, links[nic]),
             *_uppers(link_msgs, links[nic]),
             *_unsupported_rules(rule_msgs, nic),
+            *firewall.blockers,
         ),
+        firewall=firewall.rules,
         rules=tuple(r for r in rules if r.names(nic) or r.names(bridge)),
         sysctls=sysctl.read(tuple(dict.fromkeys((nic, bridge, "default")))),
     )
