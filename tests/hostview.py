@@ -110,6 +110,7 @@ def _route(m: Any, names: dict[int, str]) -> tuple[object, ...]:
         m.get("RTA_PREFSRC"),
         tuple(sorted((k, v) for k, v in metrics["attrs"])) if metrics else (),
         (via or {}).get("addr"),
+        (m.get("RTA_SRC"), m["src_len"]),
         bool(cache.get("rta_expires")),  # expiry ticks: whether it expires
         m.get("RTA_PREF"),
         any(a == "UNKNOWN" and v["header"]["type"] == 30 for a, v in m["attrs"]),  # nhid

@@ -73,10 +73,12 @@ def test_route_attributes_are_carried_and_restored(lab: Lab, agent: Agent) -> No
             "route add 198.19.9.0/24 via inet6 2001:db8:0:1::1 dev eth0",
             # Metrics, another table, a protocol of its own.
             "route add 198.19.8.0/24 via 198.18.0.1 dev eth0 table 100 proto static mtu 1400",
+            # A source-specific IPv6 route.
+            "route add 2001:db8:78::/48 from 2001:db8:0:1::/64 via 2001:db8:0:1::1 dev eth0",
         ],
     )
     before, migrated = migrate_then_roll_back(lab, agent)
-    for dst in ("2001:db8:77::", "198.19.9.0", "198.19.8.0"):
+    for dst in ("2001:db8:77::", "198.19.9.0", "198.19.8.0", "2001:db8:78::"):
         (was,) = [r for r in before.routes if r[2] == dst]
         (now,) = [r for r in migrated.routes if r[2] == dst]
         assert was[4] == "eth0" and now[4] == "br0"
@@ -177,6 +179,15 @@ def test_routes_through_nexthop_objects_are_refused(lab: Lab, agent: Agent) -> N
     assert run.code == 3, run.stdout + run.stderr
     assert "nexthop object 7 is on eth0" in run.stderr
     assert "198.19.10.0/24" in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_route_with_an_attribute_it_cannot_carry_is_refused(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(lab.host_ns, ["route add 198.19.12.0/24 via 198.18.0.1 dev eth0 realm 5"])
+    before = read_view(lab.host_ns)
+    run = agent("apply")
+    assert run.code == 3, run.stdout + run.stderr
+    assert "route 198.19.12.0/24 dev eth0 has RTA_FLOW" in run.stderr
     assert_unchanged(before, read_view(lab.host_ns))
 
 

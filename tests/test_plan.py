@@ -15,6 +15,7 @@ from bridge_migrate.model import (
     FOREVER,
     IFA_F_NODAD,
     IFA_F_PERMANENT,
+    NTF_PROXY,
     NUD_PERMANENT,
     NUD_REACHABLE,
     NUD_STALE,
@@ -28,6 +29,8 @@ from bridge_migrate.model import (
     Link,
     Neighbour,
     Route,
+    Rule,
+    Sysctl,
 )
 from bridge_migrate.plan import (
     AddAddress,
@@ -204,6 +207,29 @@ def hosts(draw: st.DrawFn) -> HostState:
     ]
     if v6 and draw(st.booleans()):
         routes.append(route(None, "2001:db8:0:0::1", family=AF_INET6))
+    if v6 and draw(st.booleans()):  # RA-learned: expiring, a preference, a protocol of its own
+        routes.append(
+            route(
+                "2001:db8:77::/48",
+                "2001:db8:0:0::1",
+                family=AF_INET6,
+                protocol=9,
+                pref=1,
+                expires=draw(st.integers(1, 1800)),
+            )
+        )
+    if v6 and draw(st.booleans()):  # an IPv4 route through an IPv6 next hop
+        routes.append(route("198.19.9.0/24", None, via="2001:db8:0:0::1"))
+    if v6 and draw(st.booleans()):  # source-specific
+        routes.append(
+            route(
+                "2001:db8:78::/48",
+                "2001:db8:0:0::1",
+                family=AF_INET6,
+                src="2001:db8:0:0::",
+                src_len=64,
+            )
+        )
     neighbours = [
         Neighbour(
             AF_INET,
@@ -215,7 +241,31 @@ def hosts(draw: st.DrawFn) -> HostState:
         )
         for i in range(draw(st.integers(0, 3)))
     ]
-    return host_with(list(order), routes, neighbours)
+    neighbours += [
+        Neighbour(family, dst, "", 0, NTF_PROXY, "eth0")
+        for family, dst in draw(
+            st.lists(
+                st.sampled_from([(AF_INET, "198.18.0.77"), (AF_INET6, "2001:db8::77")]), unique=True
+            )
+        )
+    ]
+    state = host_with(list(order), routes, neighbours)
+    rules = [
+        Rule(AF_INET, 100 + i, 1, 100 + i, 0, 0, 0, 0, *names, (("FRA_FWMARK", i),))
+        for i, names in enumerate(
+            draw(
+                st.lists(
+                    st.sampled_from([("eth0", None), (None, "eth0"), ("eth0", "lo")]), max_size=3
+                )
+            )
+        )
+    ]
+    sysctls = [
+        Sysctl(family, dev, key, value)
+        for family, key, default in ((AF_INET, "rp_filter", "0"), (AF_INET6, "accept_ra", "1"))
+        for dev, value in (("default", default), ("eth0", draw(st.sampled_from(["0", "1", "2"]))))
+    ]
+    return replace(state, rules=tuple(rules), sysctls=tuple(sysctls))
 
 
 @given(hosts())

@@ -254,6 +254,9 @@ def _route(r: Route, resolve: Resolve) -> Any:
     ]
     if r.dst is not None:
         attrs.append(("RTA_DST", r.dst))
+    if r.src is not None:
+        msg["src_len"] = r.src_len
+        attrs.append(("RTA_SRC", r.src))
     if r.gateway:
         attrs.append(("RTA_GATEWAY", r.gateway))
     if r.via:

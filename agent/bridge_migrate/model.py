@@ -129,6 +129,8 @@ class Route:
     pref: int | None  # IPv6 router preference
     via: str | None = None  # RTA_VIA: a gateway of the other family (IPv4 via inet6 ...)
     expires: int | None = None  # seconds left at snapshot time (IPv6: RA-learned, expiring)
+    src: str | None = None  # RTA_SRC: an IPv6 source-specific route (`from PREFIX`)
+    src_len: int = 0
 
     @property
     def is_default(self) -> bool:
@@ -147,7 +149,8 @@ class Route:
         table = "" if self.table == RT_TABLE_MAIN else f" table {self.table}"
         proto = " proto kernel" if self.protocol == RTPROT_KERNEL else ""
         expires = f" expires {self.expires}s" if self.expires is not None else ""
-        return f"{dst}{via} dev {self.dev}{proto} metric {self.priority}{table}{expires}"
+        src = f" from {self.src}/{self.src_len}" if self.src else ""
+        return f"{dst}{src}{via} dev {self.dev}{proto} metric {self.priority}{table}{expires}"
 
 
 @dataclass(frozen=True)

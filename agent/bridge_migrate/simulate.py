@@ -100,7 +100,10 @@ def simulate_op(state: HostState, op: Op) -> HostState:
         case AddRule():
             if op.rule in state.rules:
                 raise SimulationError(f"{op.rule} exists")
-            return replace(state, rules=(*state.rules, op.rule))
+            # The kernel lists rules by family and priority, a new one after its equals.
+            key = (op.rule.family, op.rule.priority)
+            at = sum(1 for r in state.rules if (r.family, r.priority) <= key)
+            return replace(state, rules=(*state.rules[:at], op.rule, *state.rules[at:]))
         case DelRule():
             if op.rule not in state.rules:
                 raise SimulationError(f"no {op.rule}")
@@ -134,7 +137,7 @@ def _set_sysctl(sysctls: tuple[Sysctl, ...], new: Sysctl) -> tuple[Sysctl, ...]:
 
 def route_key(r: Route) -> tuple[object, ...]:
     """What the kernel matches on when a route is replaced or deleted."""
-    return (r.family, r.table, r.dst, r.dst_len, r.priority, r.tos)
+    return (r.family, r.table, r.dst, r.dst_len, r.src, r.src_len, r.priority, r.tos)
 
 
 def _replace_route(routes: tuple[Route, ...], new: Route) -> tuple[Route, ...]:

@@ -122,6 +122,12 @@ def _unsupported_routes(routes: list[Msg], nic: Link) -> tuple[str, ...]:
         )
     for m in routes:
         hops = m.get("RTA_MULTIPATH") or []
+        extra = sorted({name for name, _ in m["attrs"]} - _ROUTE_ATTRS)
+        if extra and m.get("RTA_OIF") == nic.index:
+            found.append(
+                f"route {_dst(m)} dev {nic.name} has {', '.join(extra)}, which this tool does "
+                "not carry: move the route to the bridge by hand"
+            )
         if _uses_nexthop(m) and m.get("RTA_OIF") == nic.index:
             found.append(f"route {_dst(m)} goes through a nexthop object on {nic.name} (see above)")
         elif any(h["oif"] == nic.index for h in hops):
@@ -228,7 +234,28 @@ def _route(m: Msg, names: dict[int, str]) -> Route:
         pref=m.get("RTA_PREF"),
         via=via["addr"] if via else None,
         expires=-(-expires // USER_HZ) if expires > 0 else None,
+        src=m.get("RTA_SRC"),
+        src_len=m["src_len"],
     )
+
+
+# Every route attribute the model carries; a route through the NIC with any other (an
+# encapsulation, a realm, ...) is refused rather than rewritten without it.
+_ROUTE_ATTRS = {
+    "RTA_TABLE",
+    "RTA_DST",
+    "RTA_SRC",
+    "RTA_OIF",
+    "RTA_GATEWAY",
+    "RTA_VIA",
+    "RTA_PRIORITY",
+    "RTA_PREFSRC",
+    "RTA_METRICS",
+    "RTA_PREF",
+    "RTA_CACHEINFO",
+    "RTA_MULTIPATH",  # refused on its own, with its own message
+    "UNKNOWN",  # RTA_NH_ID, likewise
+}
 
 
 # Attributes kept as they are; the interface names are fields of their own. FRA_UID_RANGE and
