@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from hostview import assert_unchanged
 from netlab.sshlab import ClientHost, SshKeys, proxy_command
 from netlab.sshlab import write_client_config as write_ssh_config
 from test_remote import SshHost, assert_migrated, machine_untouched, wheels  # noqa: F401
-from test_takeover import assert_unchanged
 
 pytestmark = pytest.mark.root
 

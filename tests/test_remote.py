@@ -19,11 +19,10 @@ from typing import Any
 
 import pytest
 
-from hostview import HostView, read_view
+from hostview import HostView, assert_unchanged, read_view
 from netlab.sshlab import ClientHost, SshKeys, drop_new_ssh, ssh_spec, tree_digest
 from netlab.sshlab import write_client_config as write_ssh_config
 from netlab.systemd import Bind, BootedLab, BootSpec
-from test_takeover import assert_unchanged
 
 pytestmark = pytest.mark.root
 

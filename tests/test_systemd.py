@@ -17,9 +17,8 @@ import pytest
 
 from bridge_migrate.deadman import GRACE
 from bridge_migrate.transaction import KILL_AT_ENV
-from hostview import HostView, read_view
+from hostview import HostView, assert_unchanged, read_view
 from netlab.systemd import Bind, BootedLab, BootSpec
-from test_takeover import assert_unchanged
 
 pytestmark = pytest.mark.root
 
@@ -139,6 +138,27 @@ def test_systemctl_start_migrates_with_status_and_journal_fields(host: Host) -> 
     assert "bridge-migrate-" not in host.timers()  # the dead man was disarmed
     again = host.booted.host.systemctl("restart", "bridge-migrate")
     assert again.returncode == 0  # already migrated: nothing to do, still READY
+
+
+def test_the_hardened_unit_carries_settings_and_firewall(host: Host) -> None:
+    # IPv6 settings are written through /proc/sys (ReadWritePaths= in the unit), the firewall
+    # through libnftables, both under the unit's sandbox.
+    lab = host.booted.lab
+    lab.sysctl(
+        lab.host_ns,
+        {"net.ipv6.conf.eth0.hop_limit": 33, "net.ipv4.conf.eth0.rp_filter": 1},
+    )
+    firewall = "table inet host { chain input { type filter hook input priority 0;\n"
+    firewall += '  iifname "eth0" counter accept\n }\n}\n'
+    lab.run(lab.host_ns, ["nft", "-f", "-"], input=firewall).check_returncode()
+    host.configure("timeout = 5\n")
+    started = host.booted.host.systemctl("start", "bridge-migrate")
+    assert started.returncode == 0, started.stderr + "\n".join(host.dead_man_journal())
+    view = host.view()
+    assert_migrated(view)
+    assert view.sysctl("ipv6/conf/br0/hop_limit") == "33"
+    assert view.sysctl("ipv4/conf/br0/rp_filter") == "1"
+    assert '"br0"' in view.ruleset and '"eth0"' not in view.ruleset
 
 
 BOUNDARIES = {
