@@ -222,9 +222,9 @@ class Plan:
     nic: str
     bridge: str
     prepare: Step  # creating the empty bridge, sent on its own: later messages name it
-    tune: tuple[Step, ...]  # the NIC's per-device settings, copied to the bridge
     make: tuple[Step, ...]  # harmless additions, sent as one netlink batch
     batch: tuple[Step, ...]  # every disruptive operation, sent as one netlink batch
+    tune: tuple[Step, ...] = ()  # the NIC's settings copied to the bridge, right after prepare
 
     @property
     def steps(self) -> tuple[Step, ...]:

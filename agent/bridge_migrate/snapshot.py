@@ -34,7 +34,10 @@ class DeviceNotFound(LookupError):
 
 
 def read_links(ipr: IPRoute) -> dict[str, Link]:
-    msgs = list(ipr.get_links())
+    return _links(list(ipr.get_links()))
+
+
+def _links(msgs: list[Msg]) -> dict[str, Link]:
     names = {m["index"]: m.get("IFLA_IFNAME") for m in msgs}
     links = (_link(m, names) for m in msgs)
     return {link.name: link for link in links}
@@ -69,14 +72,14 @@ _UPPER_FIX = {
 
 def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
     """One dump of each kind; the per-device settings from /proc/sys."""
-    links = read_links(ipr)
+    link_msgs = list(ipr.get_links())
+    links = _links(link_msgs)
     if nic not in links:
         raise DeviceNotFound(nic)
     wanted = {links[nic].index: nic}
     if bridge in links:
         wanted[links[bridge].index] = bridge
     routes = list(ipr.get_routes())
-    link_msgs = list(ipr.get_links())
     proxies = dump.proxy_neighbours()
     rule_msgs = list(ipr.get_rules())
     rules = [_rule(m) for m in rule_msgs]
