@@ -191,6 +191,15 @@ def test_route_with_an_attribute_it_cannot_carry_is_refused(lab: Lab, agent: Age
     assert_unchanged(before, read_view(lab.host_ns))
 
 
+def test_rule_with_a_uid_range_is_refused(lab: Lab, agent: Agent) -> None:
+    lab.ip_batch(lab.host_ns, ["rule add iif eth0 uidrange 1000-2000 table 100 pref 100"])
+    before = read_view(lab.host_ns)
+    run = agent("apply")
+    assert run.code == 3, run.stdout + run.stderr
+    assert "rule pref 100 iif eth0 table 100 has FRA_UID_RANGE" in run.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
 def test_plan_lists_what_it_carries_per_kind(lab: Lab, agent: Agent) -> None:
     lab.ip_batch(
         lab.host_ns,
