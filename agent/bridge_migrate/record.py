@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import deadman, serde
-from .errors import Failure, Refused, UsageError
+from .errors import Refused, UsageError
 from .model import HostState
 from .plan import Plan, plan_takeover
 from .preflight import check_name
@@ -510,7 +510,7 @@ def _implausible(tx: Transaction) -> str:
     try:
         for name in _device_names(tx):
             check_name("device", name)
-    except Failure as e:
+    except UsageError as e:
         return e.message
     try:
         replanned = plan_takeover(tx.snapshot, tx.plan.bridge)
