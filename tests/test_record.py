@@ -415,7 +415,9 @@ def test_expire_kills_only_the_agent_that_wrote_the_record(
             assert holder.wait(timeout=10) == -9
             assert_unchanged(before, read_view(lab.host_ns))
         else:
-            refused(run, f"another bridge-migrate (pid {holder.pid}) is working")
+            refused(
+                run, f"another bridge-migrate (pid {holder.pid}) is working on {agent.state_dir}"
+            )
             assert holder.poll() is None  # not signalled
             assert read_view(lab.host_ns).link("br0") is not None
     finally:
