@@ -48,7 +48,7 @@ def test_expiring_ipv6_address_leaves_no_prefix_route_on_the_nic(lab: Lab, agent
     )
     before, migrated = migrate_then_roll_back(lab, agent)
     prefix = [r for r in before.routes if r[2] == "2001:db8:0:5::"]
-    assert prefix and prefix[0][4] == "eth0" and prefix[0][13] is True  # expiring, on eth0
+    assert prefix and prefix[0][4] == "eth0" and prefix[0][14] is True  # expiring, on eth0
     assert not [r for r in routes_on(migrated, "eth0") if r[2] == "2001:db8:0:5::"]
     assert [r for r in routes_on(migrated, "br0") if r[2] == "2001:db8:0:5::"]
 
@@ -84,7 +84,7 @@ def test_route_attributes_are_carried_and_restored(lab: Lab, agent: Agent) -> No
         assert was[4] == "eth0" and now[4] == "br0"
         assert (*was[:4], *was[5:]) == (*now[:4], *now[5:]), dst  # all else equal
     ra = next(r for r in migrated.routes if r[2] == "2001:db8:77::")
-    assert ra[13] is True and ra[7] == 9  # still expiring, still proto ra
+    assert ra[14] is True and ra[7] == 9  # still expiring, still proto ra
 
 
 def test_manager_subnet_route_for_noprefixroute_address(lab: Lab, agent: Agent) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from bridge_migrate.record import Store, Transaction
 from hostview import HostView, assert_unchanged, read_view
 from netlab.sshlab import ClientHost, SshKeys, drop_new_ssh, ssh_spec, tree_digest
 from netlab.sshlab import write_client_config as write_ssh_config
@@ -74,9 +75,8 @@ class SshHost:
         binds = (Bind(self.opt, PREFIX), Bind(self.state, STATE))
         self.booted = BootedLab(ssh_spec(keys, BootSpec(hostname=hostname, binds=binds)))
 
-    def record(self) -> dict[str, Any] | None:
-        path = self.state / "transaction.json"
-        return json.loads(path.read_text()) if path.exists() else None
+    def record(self) -> Transaction | None:
+        return Store(self.state).load()
 
     def view(self) -> HostView:
         return read_view(self.booted.lab.host_ns)
@@ -195,8 +195,8 @@ def test_installs_migrates_and_confirms_over_a_new_connection(
     assert _port(doc["first_connection"]) != _port(doc["confirm_connection"])
     assert doc["confirm_attempts"] == [a for a in doc["confirm_attempts"] if "confirmed" in a]
     record = host.record()
-    assert record is not None and record["phase"] == "committed"
-    assert record["id"] == doc["transaction"]
+    assert record is not None and record.phase == "committed"
+    assert record.id == doc["transaction"]
     assert_migrated(host.view())
     # Progress was streamed: the agent's phases, as they happened.
     for phase in ("snapshot", "batch", "verify"):
@@ -256,8 +256,8 @@ def test_ssh_blocked_on_the_new_path_is_not_confirmed_and_rolled_back_by_the_dea
     assert doc["first_session"] == "survived"
     # The host's dead man did it, at the end of the window; the script reconnected after.
     record = host.record()
-    assert record is not None and record["phase"] == "rolled-back"
-    assert record["detail"] == "deadline passed while confirming"
+    assert record is not None and record.phase == "rolled-back"
+    assert record.detail == "deadline passed while confirming"
     assert "deadline passed while confirming" in doc["message"]
     assert report.seconds > window
     assert_unchanged(before, host.view())

@@ -11,11 +11,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bridge_migrate.deadman import GRACE
+from bridge_migrate.record import Store, Transaction
 from bridge_migrate.transaction import KILL_AT_ENV
 from hostview import HostView, assert_unchanged, read_view
 from netlab.systemd import Bind, BootedLab, BootSpec
@@ -71,13 +71,12 @@ class Host:
     def configure(self, text: str) -> None:
         (self.etc / "bridge-migrate.toml").write_text(text)
 
-    def record(self) -> dict[str, Any] | None:
-        path = self.state / "transaction.json"
-        return json.loads(path.read_text()) if path.exists() else None
+    def record(self) -> Transaction | None:
+        return Store(self.state).load()
 
     def phase(self) -> str | None:
         record = self.record()
-        return record["phase"] if record else None
+        return record.phase if record else None
 
     def wait_phase(self, phases: set[str], limit: float) -> str:
         deadline = time.monotonic() + limit
@@ -130,7 +129,7 @@ def test_systemctl_start_migrates_with_status_and_journal_fields(host: Host) -> 
     phases = [e["BRIDGE_MIGRATE_PHASE"] for e in records]
     assert phases == ["snapshot", "plan", "prepare", "batch", "check", "verify", "result"]
     ids = {e["BRIDGE_MIGRATE_TRANSACTION"] for e in records}
-    assert len(ids) == 1 and ids == {host.record()["id"]}  # type: ignore[index]
+    assert len(ids) == 1 and ids == {host.record().id}  # type: ignore[union-attr]
     assert {(e["BRIDGE_MIGRATE_NIC"], e["BRIDGE_MIGRATE_BRIDGE"]) for e in records} == {
         ("eth0", "br0")
     }
@@ -214,7 +213,7 @@ def test_confirmed_from_a_second_shell_stays_migrated(host: Host) -> None:
     assert "waiting for confirmation" in run.stdout
     status = host.agent("status").stdout
     assert "confirming" in status and " s left)" in status
-    timer = f"{host.record()['dead_man']}.timer"  # type: ignore[index]
+    timer = f"{host.record().dead_man}.timer"  # type: ignore[union-attr]
     assert "OnActiveUSec=4s" in host.booted.host.show(timer, "TimersMonotonic")
     assert host.booted.host.show(timer, "AccuracyUSec") == "10ms"
     confirmed = host.agent("confirm")

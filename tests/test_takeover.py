@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
+from bridge_migrate.record import RECORD, Store
 from conftest import Agent
 from hostview import assert_unchanged, read_view
 from netlab import Lab
@@ -179,16 +180,19 @@ def test_second_concurrent_apply_is_refused(lab: Lab, agent: Agent) -> None:
 
 def test_held_lock_refuses(lab: Lab, agent: Agent) -> None:
     agent.state_dir.mkdir(mode=0o700)
-    with open(agent.state_dir / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    fd = os.open(agent.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         run = agent("apply")
-    assert run.code == 3 and "another bridge-migrate" in run.stderr
+    finally:
+        os.close(fd)
+    assert run.code == 3 and f"another bridge-migrate (pid {os.getpid()})" in run.stderr
 
 
 def test_record_is_root_only_and_written_atomically(lab: Lab, agent: Agent) -> None:
     assert agent("apply").code == 0
     assert (agent.state_dir.stat().st_mode & 0o777) == 0o700
-    record = agent.state_dir / "transaction.json"
+    record = agent.state_dir / RECORD
     assert (record.stat().st_mode & 0o777) == 0o600
     assert [p.name for p in agent.state_dir.iterdir() if p.name.startswith(".")] == []
 
@@ -201,11 +205,15 @@ def _configured(routes: frozenset[tuple[object, ...]]) -> set[tuple[object, ...]
     return {r for r in routes if r[7] != 2}  # proto kernel: made by the kernel from addresses
 
 
+def recorded_phase(state_dir: Path) -> str | None:
+    tx = Store(state_dir).load()
+    return tx.phase if tx else None
+
+
 def _wait_for_phase(state_dir: Path, phase: str, proc: object, limit: float = 10.0) -> None:
     deadline = time.monotonic() + limit
-    record = state_dir / "transaction.json"
     while time.monotonic() < deadline:
-        if record.exists() and f'"phase": "{phase}"' in record.read_text():
+        if recorded_phase(state_dir) == phase:
             return
         time.sleep(0.02)
     raise TimeoutError(f"phase {phase} not reached in {limit} s")
@@ -285,7 +293,7 @@ def test_preflight_refusals_change_nothing(lab: Lab, agent: Agent, case: str) ->
         assert run.code == 3, (command, run.stdout, run.stderr)
         assert REFUSALS[case] in run.stderr and "Nothing was changed" in run.stderr
     assert_unchanged(before, read_view(lab.host_ns))
-    assert not (agent.state_dir / "transaction.json").exists()
+    assert not (agent.state_dir / RECORD).exists()
 
 
 def test_pending_transaction_refuses(lab: Lab, agent: Agent) -> None:

@@ -19,7 +19,7 @@ from .config import DEFAULT_PATH, Config, load_config, where
 from .errors import ExitCode, Failure, UsageError
 from .plan import RewriteFirewall
 from .preflight import check_name, check_timeout
-from .record import Store, StoreError, Transaction
+from .record import Store, Transaction, check_id
 from .report import Report
 from .transaction import ApplyRequest, apply, confirm, expire, read_plan, rollback
 from .verify import Probe, ProbeSyntaxError, parse_probe
@@ -105,6 +105,9 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Absolute before anything uses it: the dead man and the apply unit run in /. Not
+    # resolved: the store refuses a path through a symbolic link rather than follow it.
+    args.state_dir = Path(os.path.abspath(args.state_dir))
     report = Report(as_json=args.json)
     store = Store(args.state_dir)
     try:
@@ -114,8 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_dispatch(args, store, report))
     except Failure as e:
         return _fail(report, e.code, e.message, e.hint)
-    except StoreError as e:
-        return _fail(report, ExitCode.REFUSED, str(e.strerror), "")
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         return _fail(report, ExitCode.INTERNAL, f"internal error: {e!r}", "")
@@ -132,6 +133,7 @@ def _dispatch(args: argparse.Namespace, store: Store, report: Report) -> ExitCod
         case "rollback":
             return rollback(store, report)
         case "expire":
+            check_id(args.transaction)
             return expire(store, report, args.transaction)
     return _status(store, report)
 
@@ -181,7 +183,7 @@ def _probes(args: argparse.Namespace, config: Config, path: Path) -> tuple[Probe
 
 def _unit_argv(args: argparse.Namespace, req: ApplyRequest) -> list[str]:
     """The same apply, spelled out, for the unit (which has none of this shell's environment)."""
-    argv = ["--state-dir", str(args.state_dir.resolve()), "apply", "--bridge", req.bridge]
+    argv = ["--state-dir", str(args.state_dir), "apply", "--bridge", req.bridge]
     argv += ["--timeout", f"{req.timeout:g}"]
     if req.nic:
         argv += ["--nic", req.nic]

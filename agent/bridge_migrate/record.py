@@ -1,33 +1,69 @@
 """The transaction record on disk: what was there, what was planned, how far it got.
 
-Written atomically (temporary file, fsync, rename, fsync of the directory) and readable by root
-only. A lock file keeps a second agent out while one works.
+One file, `record`, in the state directory:
+
+    block 0       "bridge-migrate record 2": the format, checked before anything else is read
+    blocks 1-8    status slots (phase, deadline, dead man, detail), each with a checksum and a
+                  sequence number: the newest readable one is the transaction's status
+    block 9 on    the transaction as it started (ids, snapshot, plan, probes), JSON
+
+The whole file is written before the first change (temporary file, every byte, fsync, rename,
+fsync of the directory): a full or read-only disk refuses the transaction instead of stopping it
+half-way. A phase change then overwrites one slot in place, in blocks the file already holds, so
+it needs no new space; a slot torn by a crash fails its checksum and the one before it stands.
+
+Trust: the record drives root (it names links to delete, routes to install, a process to kill),
+so it is read only from a directory that nobody but root can change. Every directory from `/`
+down is opened relative to its parent without following symbolic links and must be owned by
+root; the ancestors must not be writable by group or others unless they are sticky (like /tmp:
+others may add entries there but not replace root's); the state directory itself not at all.
+The record must be a regular file owned by root and readable by root only, and what it says is
+checked against what this agent writes before it is used. The lock is a flock on the
+directory itself: there is no lock file to plant.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import fcntl
 import json
 import os
+import re
+import stat
+import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from . import serde
+from . import deadman, serde
+from .errors import Refused, UsageError
 from .model import HostState
-from .plan import Plan
+from .plan import Plan, plan_takeover
+from .preflight import check_name
 from .verify import Probe
 
-RECORD = "transaction.json"
-LOCK = "lock"
+RECORD = "record"
+FORMAT = 2
+MAGIC = b"bridge-migrate record"
+BLOCK = 4096
+SLOTS = 8
+HEADER_AT = BLOCK * (1 + SLOTS)
+MAX_SIZE = 16 * 1024 * 1024  # far above a host's snapshot; bounds what is read and parsed
+MAX_DEPTH = 32  # the transaction nests about 8 deep
+ID_SHAPE = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12], as transaction.apply makes it
+DEAD_MAN_LABELS = ("deadline", "confirm")
+_TEMP = f".{RECORD}."
+_UNDO_HINT = (
+    "it was not used. To start over, move it aside (as root); to put the host back on its NIC "
+    "without a record, use `bridge-migrate undo`"
+)
 
 
 class Phase(enum.StrEnum):
     PLANNED = "planned"  # snapshot taken, nothing changed yet
-    APPLYING = "applying"  # the bridge exists; the batch is being sent
+    APPLYING = "applying"  # changes are being sent
     VERIFYING = "verifying"  # the batch is in; probes are running
     CONFIRMING = "confirming"  # verified; waiting for `bridge-migrate confirm`
     COMMITTED = "committed"
@@ -47,6 +83,7 @@ class Transaction:
     id: str
     phase: Phase
     pid: int
+    pid_start: int  # the agent's start time (/proc/PID/stat): a reused PID is not the agent
     started: float  # wall clock, seconds since the epoch
     updated: float
     boot_id: str  # the kernel's boot id: a pending record from another boot was interrupted
@@ -64,70 +101,446 @@ class Transaction:
     def from_another_boot(self) -> bool:
         return self.boot_id != current_boot_id()
 
+    @property
+    def agent_running(self) -> bool:
+        """The agent that wrote this record is still alive (not just its PID, reused)."""
+        return (
+            self.pid > 1
+            and self.pid != os.getpid()
+            and not self.from_another_boot
+            and process_start(self.pid) == self.pid_start
+        )
+
+
+@dataclass(frozen=True)
+class _Status:
+    """What a phase change writes: one slot."""
+
+    id: str
+    seq: int
+    phase: Phase
+    updated: float
+    deadline: float
+    dead_man: str | None
+    detail: str
+
 
 def current_boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-class StoreError(OSError):
-    pass
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot; None if there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    return int(text.rsplit(")", 1)[1].split()[19])
 
 
-class Locked(StoreError):
+def check_id(tx_id: str) -> None:
+    if not ID_SHAPE.fullmatch(tx_id):
+        raise UsageError(f"transaction id {tx_id!r}: expected 12 hex digits, as `status` shows")
+
+
+class RecordError(Refused):
+    """The state directory or the record cannot be used; the message names the path."""
+
+
+class Locked(RecordError):
     pass
 
 
 class Store:
     def __init__(self, directory: Path) -> None:
+        if not directory.is_absolute():
+            raise ValueError(f"state directory {directory} is not absolute")
         self.directory = directory
         self.path = directory / RECORD
 
     def load(self) -> Transaction | None:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
+        """The recorded transaction; None if there is none. RecordError if it cannot be
+        trusted or is not one this agent wrote."""
+        dirfd = self._open_directory(create=False)
+        if dirfd is None:
             return None
         try:
-            return serde.load(Transaction, json.loads(text))
-        except (ValueError, KeyError, TypeError) as e:
-            raise StoreError(errno.EINVAL, f"{self.path} is not a valid record: {e}") from e
+            fd = self._open_record(dirfd, os.O_RDONLY)
+            if fd is None:
+                return None
+            try:
+                data = self._read(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dirfd)
+        return self._parse(data)
+
+    def create(self, tx: Transaction) -> None:
+        """Write the whole record of a new transaction (replacing the last one), before the
+        first change: if it cannot be written in full, nothing has changed yet."""
+        slots = [_encode_slot(_status_of(tx, 0)), *([_EMPTY_SLOT] * (SLOTS - 1))]
+        header = json.dumps(serde.to_data(tx), indent=1).encode()
+        data = b"".join([_preamble(), *slots, header])
+        temp = f"{_TEMP}{tx.id}"
+        dirfd = self._open_directory(create=True)
+        assert dirfd is not None  # created if missing
+        try:
+            self._remove_temporaries(dirfd)
+            fd = os.open(temp, _NEW | os.O_WRONLY, 0o600, dir_fd=dirfd)
+            try:
+                _write_all(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, RECORD, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            os.fsync(dirfd)
+        except OSError as e:
+            with suppress(OSError):
+                os.unlink(temp, dir_fd=dirfd)
+            raise self._cannot_write(e) from None
+        finally:
+            os.close(dirfd)
 
     def save(self, tx: Transaction) -> None:
-        self._ensure_directory()
-        tmp = self.path.with_name(f".{RECORD}.{os.getpid()}")
-        data = json.dumps(serde.to_data(tx), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Record the phase, deadline, dead man and detail of `tx`: one slot, in place."""
+        dirfd = self._open_directory(create=False)
+        if dirfd is None:
+            raise RecordError(f"{self.directory} has gone: cannot record {tx.phase}")
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        dirfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
+            fd = self._open_record(dirfd, os.O_RDWR)
+            if fd is None:
+                raise RecordError(f"{self.path} has gone: cannot record {tx.phase}")
+            try:
+                slots = os.pread(fd, BLOCK * SLOTS, BLOCK)
+                latest = _newest(self._slots(slots))
+                if latest is None or latest.id != tx.id:
+                    raise RecordError(f"{self.path} no longer records transaction {tx.id}")
+                status = _status_of(tx, latest.seq + 1)
+                _write_all(fd, _encode_slot(status), _slot_offset(status.seq))
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise self._cannot_write(e) from None
         finally:
             os.close(dirfd)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the directory's lock; Locked (naming the holder) if another agent has it."""
-        self._ensure_directory()
-        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        dirfd = self._open_directory(create=True)
+        assert dirfd is not None  # created if missing
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 raise Locked(
-                    errno.EBUSY, f"another bridge-migrate (pid {holder}) is working"
+                    f"another bridge-migrate{_holder(dirfd)} is working on {self.directory}",
+                    "wait for it to finish; `bridge-migrate status` shows the transaction",
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
-            os.close(fd)
+            os.close(dirfd)
 
-    def _ensure_directory(self) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
+    # The directory, walked from / without following symbolic links -----------------------
+
+    def _open_directory(self, create: bool) -> int | None:
+        """A descriptor of the state directory once every component passed the trust rule;
+        None if it does not exist (and `create` is false)."""
+        if os.geteuid() != 0:
+            raise RecordError(
+                f"reading the transaction record in {self.directory} needs root", "use sudo"
+            )
+        fd = os.open("/", _DIR)
+        try:
+            self._check_directory(fd, Path("/"), last=len(self.directory.parts) == 1)
+            path = Path("/")
+            for i, name in enumerate(self.directory.parts[1:], 2):
+                path /= name
+                last = i == len(self.directory.parts)
+                child = self._open_child(fd, name, path, create, 0o700 if last else 0o755)
+                os.close(fd)
+                fd = -1
+                if child is None:
+                    return None
+                fd = child
+                self._check_directory(fd, path, last)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        return fd
+
+    def _open_child(
+        self, parent: int, name: str, path: Path, create: bool, mode: int
+    ) -> int | None:
+        try:
+            return os.open(name, _DIR, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                return None
+        except OSError as e:
+            raise self._bad_directory(parent, name, path, e) from None
+        try:
+            with suppress(FileExistsError):  # made meanwhile, or a symbolic link: looked at next
+                os.mkdir(name, mode, dir_fd=parent)  # the umask can only take bits away
+            return os.open(name, _DIR, dir_fd=parent)
+        except OSError as e:
+            raise self._bad_directory(parent, name, path, e) from None
+
+    def _check_directory(self, fd: int, path: Path, last: bool) -> None:
+        st = os.fstat(fd)
+        if st.st_uid != 0:
+            raise RecordError(
+                f"{path} is owned by uid {st.st_uid}, not root: the state directory "
+                f"{self.directory} cannot be trusted",
+                "choose a state directory that only root can change",
+            )
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and (last or not st.st_mode & stat.S_ISVTX):
+            raise RecordError(
+                f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                f"the state directory {self.directory} cannot be trusted",
+                f"run `chmod go-w {path}`, or choose a state directory that only root can change",
+            )
+
+    def _bad_directory(self, parent: int, name: str, path: Path, e: OSError) -> RecordError:
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return RecordError(
+                f"{path} is a symbolic link: the state directory and every directory above it "
+                "must be real directories",
+                f"give the real path (`realpath {self.directory}`)",
+            )
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            return RecordError(
+                f"{path} is not a directory",
+                "remove it, or choose another state directory (--state-dir)",
+            )
+        return RecordError(f"cannot open {path}: {e.strerror}", "check it, or use --state-dir")
+
+    # The record file -----------------------------------------------------------------------
+
+    def _open_record(self, dirfd: int, flags: int) -> int | None:
+        try:
+            # Non-blocking: a FIFO in its place must not hang the agent.
+            fd = os.open(RECORD, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            try:
+                st = os.stat(RECORD, dir_fd=dirfd, follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise self._untrusted("is not a regular file") from None
+            raise RecordError(
+                f"cannot open {self.path}: {e.strerror}",
+                f"make {self.directory} writable, or use another --state-dir",
+            ) from None
+        st = os.fstat(fd)
+        problem = (
+            "is not a regular file"
+            if not stat.S_ISREG(st.st_mode)
+            else f"is owned by uid {st.st_uid}, not root"
+            if st.st_uid != 0
+            else f"is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+            if st.st_mode & 0o077
+            else ""
+        )
+        if problem:
+            os.close(fd)
+            raise self._untrusted(problem)
+        return fd
+
+    def _read(self, fd: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        for _ in range(MAX_SIZE // _CHUNK + 2):  # bounded even if the file grows meanwhile
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_SIZE:
+                break
+        raise self._damaged(f"larger than {MAX_SIZE} bytes")
+
+    def _parse(self, data: bytes) -> Transaction:
+        first = data[:BLOCK].split(b"\n", 1)[0].split()
+        if data[: len(MAGIC)] != MAGIC or len(first) != 3 or len(data) < HEADER_AT:
+            raise self._damaged("not a bridge-migrate record, or cut short")
+        if first[2] != str(FORMAT).encode():
+            version = first[2].decode(errors="replace")
+            raise self._damaged(f"format {version!r}; this bridge-migrate reads format {FORMAT}")
+        try:
+            tx = serde.load(Transaction, _json(data[HEADER_AT:]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise self._damaged(f"the transaction cannot be read: {e}") from None
+        latest = _newest(self._slots(data[BLOCK:HEADER_AT]))
+        if latest is None:
+            raise self._damaged("no readable status")
+        if latest.id != tx.id:
+            raise self._damaged(f"its status is of transaction {latest.id}, not {tx.id}")
+        tx = replace(
+            tx,
+            phase=latest.phase,
+            updated=latest.updated,
+            deadline=latest.deadline,
+            dead_man=latest.dead_man,
+            detail=latest.detail,
+        )
+        problem = _implausible(tx)
+        if problem:
+            raise self._damaged(problem)
+        return tx
+
+    def _slots(self, data: bytes) -> list[_Status]:
+        statuses = []
+        for i in range(SLOTS):
+            raw = data[i * BLOCK : (i + 1) * BLOCK].rstrip(b" \n")
+            checksum, _, body = raw.partition(b" ")
+            if not raw or checksum != b"%08x" % zlib.crc32(body):
+                continue  # never written, or torn by a crash: the previous slot stands
+            try:
+                statuses.append(serde.load(_Status, _json(body)))
+            except (ValueError, KeyError, TypeError) as e:
+                raise self._damaged(f"status slot {i + 1}: {e}") from None
+        return statuses
+
+    def _remove_temporaries(self, dirfd: int) -> None:
+        """Left by an agent that died while writing (we hold the lock: none is being written)."""
+        for name in os.listdir(dirfd):
+            if name.startswith(_TEMP):
+                os.unlink(name, dir_fd=dirfd)
+
+    def _cannot_write(self, e: OSError) -> RecordError:
+        return RecordError(
+            f"cannot write the transaction record {self.path}: {e.strerror or e}",
+            f"make room in {self.directory} (or make it writable), or use another --state-dir",
+        )
+
+    def _untrusted(self, problem: str) -> RecordError:
+        return RecordError(
+            f"{self.path} {problem}: it was not read",
+            "remove it if you did not put it there",
+        )
+
+    def _damaged(self, problem: str) -> RecordError:
+        return RecordError(f"{self.path} is not a usable record: {problem}", _UNDO_HINT)
+
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_EMPTY_SLOT = b" " * (BLOCK - 1) + b"\n"
+_CHUNK = 1024 * 1024
+
+
+def _preamble() -> bytes:
+    line = MAGIC + b" %d" % FORMAT
+    return line + b"\n" + b" " * (BLOCK - len(line) - 2) + b"\n"
+
+
+def _status_of(tx: Transaction, seq: int) -> _Status:
+    return _Status(tx.id, seq, tx.phase, tx.updated, tx.deadline, tx.dead_man, tx.detail)
+
+
+def _slot_offset(seq: int) -> int:
+    return BLOCK * (1 + seq % SLOTS)
+
+
+def _encode_slot(status: _Status) -> bytes:
+    """Checksum, JSON, padding: one block. A detail too long for it is cut."""
+    keep = len(status.detail)
+    while True:
+        detail = status.detail if keep == len(status.detail) else status.detail[:keep] + "..."
+        body = json.dumps(serde.to_data(replace(status, detail=detail))).encode()
+        excess = len(body) + 10 - BLOCK  # checksum, space, newline
+        if excess <= 0 or keep == 0:
+            break
+        keep = max(0, keep - excess - 3)  # strictly shorter each time
+    line = b"%08x " % zlib.crc32(body) + body
+    return line + b" " * (BLOCK - len(line) - 1) + b"\n"
+
+
+def _newest(statuses: list[_Status]) -> _Status | None:
+    return max(statuses, key=lambda s: s.seq, default=None)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite until every byte is written: a short write is continued, not taken as done."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(28, os.strerror(28))  # ENOSPC: a disk that takes nothing more
+        view, offset = view[written:], offset + written
+
+
+def _json(data: bytes) -> Any:
+    """JSON, refused before parsing if nested deeper than any record (the parser recurses)."""
+    text = data.decode()
+    depth = 0
+    for token in re.findall(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        if token in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH}")
+        elif token in "]}":
+            depth -= 1
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a record holds")
+
+
+def _implausible(tx: Transaction) -> str:
+    """Why `tx` is not a transaction this agent would have written ('' if it is)."""
+    if not ID_SHAPE.fullmatch(tx.id):
+        return f"transaction id {tx.id!r} is not one bridge-migrate makes"
+    units = {deadman.unit_name(tx.id, label) for label in DEAD_MAN_LABELS}
+    if tx.dead_man is not None and tx.dead_man not in units:
+        return f"dead man {tx.dead_man!r} is not a unit bridge-migrate makes"
+    try:
+        for name in _device_names(tx):
+            check_name("device", name)
+    except UsageError as e:
+        return e.message
+    try:
+        replanned = plan_takeover(tx.snapshot, tx.plan.bridge)
+    except Exception as e:  # a crafted snapshot may trip the planner anywhere: not ours
+        return f"its snapshot cannot be planned: {e!r}"
+    if replanned != tx.plan:
+        return "its plan is not the plan for its snapshot"
+    return ""
+
+
+def _device_names(tx: Transaction) -> Iterator[str]:
+    s = tx.snapshot
+    links = [s.nic] if s.bridge is None else [s.nic, s.bridge]
+    for link in links:
+        yield link.name
+        if link.master is not None:
+            yield link.master
+    yield from (dev for dev, _ in s.addresses)
+    yield from (r.dev for r in s.routes)
+    yield from (n.dev for n in s.neighbours)
+    yield from (tx.plan.nic, tx.plan.bridge)
+
+
+def _holder(dirfd: int) -> str:
+    """' (pid N)' for the process holding the directory's flock, from /proc/locks."""
+    st = os.fstat(dirfd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key:
+                return f" (pid {fields[4]})"
+    return ""

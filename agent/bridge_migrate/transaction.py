@@ -25,7 +25,7 @@ from .model import AF_INET6, HostState
 from .plan import AddAddress, Plan, Step, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .ready import wait_until_ready
-from .record import Locked, Phase, Store, Transaction, current_boot_id
+from .record import Locked, Phase, RecordError, Store, Transaction, current_boot_id, process_start
 from .report import Report
 from .rollback import already_so, restore
 from .simulate import simulate
@@ -134,10 +134,12 @@ def _arm_and_record(
     else:
         report.note(f"no independent dead man ({where.why_not}): this process keeps the deadline")
     now = time.time()
+    pid = os.getpid()
     tx = Transaction(
         id=tx_id,
         phase=Phase.PLANNED,
-        pid=os.getpid(),
+        pid=pid,
+        pid_start=process_start(pid) or 0,
         started=now,
         updated=now,
         boot_id=current_boot_id(),
@@ -148,7 +150,13 @@ def _arm_and_record(
         probes=p.probes,
         detail="",
     )
-    store.save(tx)
+    try:
+        store.create(tx)
+    except RecordError:
+        if unit is not None:  # it would find no transaction of its id, but leave no timer
+            with suppress(deadman.DeadManError):
+                deadman.disarm(unit)
+        raise
     _boundary("planned")
     return tx
 
@@ -195,7 +203,14 @@ def confirm(store: Store, report: Report) -> ExitCode:
                 f"too late: the window for transaction {tx.id} has closed", "it is rolling back"
             )
         tx = tx.at(Phase.COMMITTED, time.time(), "confirmed")
-        store.save(tx)
+        try:
+            store.save(tx)
+        except RecordError as e:
+            raise Refused(
+                f"{e.message}; transaction {tx.id} is still waiting for confirmation, and its "
+                "dead man rolls it back at the deadline",
+                e.hint,
+            ) from None
         if tx.dead_man:
             deadman.disarm(tx.dead_man)
     report.finish(ExitCode.OK, "committed", f"transaction {tx.id} confirmed")
@@ -230,9 +245,20 @@ def _lock_for_dead_man(store: Store, tx_id: str) -> Iterator[None]:
 
 def _kill_hung_agent(store: Store, tx_id: str) -> None:
     tx = store.load()
-    if tx is not None and tx.id == tx_id and time.time() > tx.deadline and tx.pid != os.getpid():
-        with suppress(ProcessLookupError):
-            os.kill(tx.pid, signal.SIGKILL)
+    if tx is None or tx.id != tx_id or time.time() < tx.deadline or tx.pid <= 1:
+        return
+    try:
+        pidfd = os.pidfd_open(tx.pid)
+    except ProcessLookupError:
+        return
+    try:
+        # Checked while the pidfd holds the process: a PID reused since then fails the check,
+        # and one reused after it is not the process the pidfd names.
+        if tx.agent_running:
+            with suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
 
 
 def _be_the_dead_man(store: Store, report: Report, tx: Transaction) -> ExitCode:
@@ -242,20 +268,27 @@ def _be_the_dead_man(store: Store, report: Report, tx: Transaction) -> ExitCode:
     with _signal_guard() as guard:
         try:
             while time.time() < tx.deadline:
-                current = store.load()
-                if current is None or current.id != tx.id or current.phase is not Phase.CONFIRMING:
+                if _ended(store, tx):
                     return ExitCode.OK
                 time.sleep(min(0.1, max(0.0, tx.deadline - time.time())))
         except Interrupted:
             pass
         guard.armed = False
-    with store.lock():
-        current = store.load()
-        if current is None or current.id != tx.id or current.phase is not Phase.CONFIRMING:
+    with _lock_for_dead_man(store, tx.id):
+        if _ended(store, tx):
             return ExitCode.OK
-        return _roll_back_recorded(
-            store, report, current, "not confirmed in time", ExitCode.ROLLED_BACK
-        )
+        # From what this process holds: the record may have become unreadable meanwhile.
+        return _roll_back_recorded(store, report, tx, "not confirmed in time", ExitCode.ROLLED_BACK)
+
+
+def _ended(store: Store, tx: Transaction) -> bool:
+    """Confirmed or rolled back by another command. A record that can no longer be read
+    (or is gone) ends nothing: `confirm` could not have committed through it."""
+    try:
+        current = store.load()
+    except RecordError:
+        return False
+    return current is not None and (current.id != tx.id or current.phase is not Phase.CONFIRMING)
 
 
 def _check_previous(store: Store, report: Report, at_boot: bool) -> None:
@@ -293,6 +326,8 @@ class _Run:
     def apply(self, p: Prepared, timeout: float, confirm_within: float | None) -> ExitCode:
         with _signal_guard() as guard:
             try:
+                self.mark(Phase.APPLYING)
+                _boundary("applying")
                 self.take_over(p)
                 self.verify(p, time.monotonic() + timeout, timeout)
             except Exception as e:
@@ -304,7 +339,10 @@ class _Run:
             guard.armed = False
             if confirm_within is not None:
                 return self.await_confirmation(confirm_within)
-            self.mark(Phase.COMMITTED, "verified")
+            try:
+                self.mark(Phase.COMMITTED, "verified")
+            except RecordError as e:  # else the record says pending: a dead man would undo it
+                return self.roll_back(p.plan.steps, e.message, ExitCode.ROLLED_BACK)
             _boundary("committed")
             self.disarm()
         self.report.finish(ExitCode.OK, "migrated", f"{p.plan.nic} -> {p.plan.bridge}, verified")
@@ -319,7 +357,13 @@ class _Run:
                 unit = deadman.arm(where, self.tx.id, "confirm", seconds, self.store.directory)
             except deadman.DeadManError as e:
                 return self.roll_back(self.tx.plan.steps, str(e), ExitCode.ROLLED_BACK)
-        self.mark(Phase.CONFIRMING, "verified", deadline=time.time() + seconds, dead_man=unit)
+        try:
+            self.mark(Phase.CONFIRMING, "verified", deadline=time.time() + seconds, dead_man=unit)
+        except RecordError as e:  # `confirm` could not find the window: close it now
+            if old is not None:
+                with suppress(deadman.DeadManError):
+                    deadman.disarm(old)
+            return self.roll_back(self.tx.plan.steps, e.message, ExitCode.ROLLED_BACK)
         if old is not None:
             deadman.disarm(old)
         self.report.finish(
@@ -362,8 +406,6 @@ class _Run:
         waited = wait_until_ready(self.ipr, plan.bridge, ipv6)
         ready = f"ready after {waited * 1000:.2f} ms" if waited is not None else "NOT ready"
         report.phase("prepare", started, f"{plan.prepare.do}; {_acked(plan.make, made)}; {ready}")
-        self.mark(Phase.APPLYING)
-        _boundary("applying")
         started = time.perf_counter()
         result = send_batch([s.do for s in plan.batch], _resolver(self.ipr))
         done += _succeeded(plan.batch, result)
@@ -395,8 +437,9 @@ class _Run:
         _boundary("verified")
 
     def roll_back(self, done: tuple[Step, ...], why: str, code: ExitCode) -> ExitCode:
-        """Undo `done`, compare with the snapshot, record and report the outcome."""
-        self.mark(Phase.ROLLING_BACK, why)
+        """Undo `done`, compare with the snapshot, then record (as far as the record can take
+        it: the host comes first) and report the outcome."""
+        self.record_if_possible(Phase.ROLLING_BACK, why)
         started = time.perf_counter()
         result = restore(self.ipr, self.tx.plan, self.tx.snapshot, done, self.age)
         lines = [*(o.describe() for o in result.failures), *result.differences]
@@ -408,13 +451,25 @@ class _Run:
         verdict = "host equals snapshot" if result.complete else f"{len(lines)} difference(s) left"
         self.report.phase("rollback", started, f"{undone}; {verdict}")
         if not result.complete:
-            self.mark(Phase.ROLLBACK_INCOMPLETE, "; ".join(lines))
-            self.report.finish(ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why)
+            unrecorded = self.record_if_possible(Phase.ROLLBACK_INCOMPLETE, "; ".join(lines))
+            self.report.finish(
+                ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why + unrecorded
+            )
             return ExitCode.ROLLBACK_INCOMPLETE
-        self.mark(Phase.ROLLED_BACK, why)
+        unrecorded = self.record_if_possible(Phase.ROLLED_BACK, why)
         self.disarm()
-        self.report.finish(code, "rolled back", f"{why}; host restored to its snapshot")
+        self.report.finish(code, "rolled back", f"{why}; host restored to its snapshot{unrecorded}")
         return code
+
+    def record_if_possible(self, phase: Phase, detail: str) -> str:
+        """Record `phase`; if the record cannot take it, say so (returned, to add to the
+        result) and go on."""
+        try:
+            self.mark(phase, detail)
+        except RecordError as e:
+            self.report.note(f"{phase} not recorded: {e.message}")
+            return f"; NOT recorded ({e.message}): `bridge-migrate status` shows an older phase"
+        return ""
 
     @property
     def age(self) -> float:
@@ -439,7 +494,7 @@ def _acked(steps: tuple[Step, ...], result: BatchResult) -> str:
 
 
 def _is_bug(e: Exception) -> bool:
-    return not isinstance(e, StepFailed | Interrupted | OSError)
+    return not isinstance(e, StepFailed | Interrupted | OSError | RecordError)
 
 
 def _boundary(name: str) -> None:
