@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge_migrate.deadman import GRACE
+from bridge_migrate.contract import GRACE
 from bridge_migrate.transaction import KILL_AT_ENV
 from hostview import HostView, read_view
 from netlab.systemd import Bind, BootedLab, BootSpec

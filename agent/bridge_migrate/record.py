@@ -6,7 +6,6 @@ only. A lock file keeps a second agent out while one works.
 
 from __future__ import annotations
 
-import enum
 import errno
 import fcntl
 import json
@@ -17,29 +16,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import serde
+from .contract import Phase
 from .model import HostState
 from .plan import Plan
 from .verify import Probe
 
 RECORD = "transaction.json"
 LOCK = "lock"
-
-
-class Phase(enum.StrEnum):
-    PLANNED = "planned"  # snapshot taken, nothing changed yet
-    APPLYING = "applying"  # the bridge exists; the batch is being sent
-    VERIFYING = "verifying"  # the batch is in; probes are running
-    CONFIRMING = "confirming"  # verified; waiting for `bridge-migrate confirm`
-    COMMITTED = "committed"
-    ROLLING_BACK = "rolling-back"
-    ROLLED_BACK = "rolled-back"
-    ROLLBACK_INCOMPLETE = "rollback-incomplete"
-    INTERRUPTED = "interrupted"  # the machine restarted while the transaction was pending
-
-    @property
-    def pending(self) -> bool:
-        """The host may be between two states: a new transaction must not start."""
-        return self not in (Phase.COMMITTED, Phase.ROLLED_BACK, Phase.INTERRUPTED)
 
 
 @dataclass(frozen=True)
