@@ -243,7 +243,7 @@ def _status(store: Store, report: Report) -> ExitCode:
     report.attach("transaction", tx)
     left = tx.deadline - time.time() if tx.phase.pending else None
     report.attach("seconds_left", left)
-    summary = Summary(tx.id, tx.phase, tx.detail, left, tx.boot_id, current_boot_id())
+    summary = Summary(tx.id, tx.phase, tx.detail, left, tx.pid, tx.boot_id, current_boot_id())
     report.attach("summary", summary.to_data())
     for line in _describe(tx):
         report.note(line)

@@ -144,6 +144,7 @@ class Summary:
     phase: Phase
     detail: str
     seconds_left: float | None  # pending: until the deadline (negative once passed)
+    pid: int  # the agent that started it: with boot_id, which run it is
     boot_id: str  # the boot it was recorded in
     current_boot_id: str  # the host's boot now: a pending record of another boot was cut short
 
@@ -162,6 +163,7 @@ class Summary:
             phase=Phase(data["phase"]),
             detail=str(data["detail"]),
             seconds_left=None if left is None else float(left),
+            pid=int(data["pid"]),
             boot_id=str(data["boot_id"]),
             current_boot_id=str(data["current_boot_id"]),
         )
