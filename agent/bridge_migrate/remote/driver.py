@@ -106,6 +106,9 @@ class Progress:
 class Migration:
     def __init__(self, o: Options, ssh: Ssh, trace: Trace, progress: Progress) -> None:
         self.o, self.ssh, self.trace, self.out = o, ssh, trace, progress
+        # When the host's dead man has acted at the latest (monotonic); narrowed as the run
+        # learns more (the agent's result, the record's time left).
+        self.dead_man_by = 0.0
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -120,10 +123,10 @@ class Migration:
         self.trace.started_unit = Started(unit, int(doc["pid"]), str(doc["boot_id"]))
         started = time.monotonic()
         self.out.say(f"started {unit}.service: apply {' '.join(self.o.apply)}")
+        # Whatever happens (verification, then the window), the dead man has acted by then.
+        self.dead_man_by = started + self.o.timeout + FOLLOW_SLACK + self.o.window + GRACE
         self._follow(unit)
-        # The dead man has acted by then, whatever happened (verification, then the window).
-        deadline = started + self.o.timeout + FOLLOW_SLACK + self.o.window + GRACE
-        return self._settle(unit, deadline + self.o.reconnect_within)
+        return self._settle(unit)
 
     def first(self, *args: str, stdin: bytes | None = None) -> dict[str, Any]:
         """A helper command over the first session; it must work (nothing has changed yet)."""
@@ -202,18 +205,20 @@ class Migration:
     def _add_events(self, events: list[Event]) -> None:
         for e in events[len(self.trace.events) :]:
             self.out.event(e)
+            if e.kind is EventKind.RESULT and e.exit_code is ExitCode.OK:  # verified: window
+                self.dead_man_by = min(self.dead_man_by, time.monotonic() + self.o.window + GRACE)
         if len(events) > len(self.trace.events):
             self.trace.events = events
 
     # -- 3. the outcome, over new connections ----------------------------------------------
 
-    def _settle(self, unit: str, give_up: float) -> Verdict:
+    def _settle(self, unit: str) -> Verdict:
         while True:
             answer = self.ssh.helper("outcome", self.o.prefix, self.o.state_dir, unit, fresh=True)
             verdict = self._read_outcome(answer)
             if verdict is not None:
                 return verdict
-            if time.monotonic() > give_up:
+            if time.monotonic() > self.dead_man_by + self.o.reconnect_within:
                 return self._unknown()
             time.sleep(_POLL)
 
@@ -226,6 +231,8 @@ class Migration:
         summary = Summary.from_data(doc["summary"]) if doc["summary"] else None
         if summary is not None and self._ours(summary):
             self.trace.summary = summary
+            if summary.phase is Phase.CONFIRMING and summary.seconds_left is not None:
+                self.dead_man_by = time.monotonic() + max(0.0, summary.seconds_left) + GRACE
             self._log("outcome", answer, f"transaction {summary.transaction}: {summary.phase}")
             return self._judge(summary)
         result = self.trace.result_event

@@ -51,7 +51,18 @@ SYSTEM_DIRS = {
     "/sys",
     "/tmp",
     "/usr",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/local/bin",
+    "/usr/local/lib",
+    "/usr/sbin",
+    "/usr/share",
     "/var",
+    "/var/cache",
+    "/var/lib",
+    "/var/log",
+    "/var/opt",
 }
 _COMMAND_TIMEOUT = 120
 
