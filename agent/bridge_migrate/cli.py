@@ -39,17 +39,21 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(ExitCode.USAGE)
 
 
+class _Version(argparse.Action):
+    """The build identity hashes the package's files: only when asked, not at every start."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"bridge-migrate {build.version()} (build {build.identity()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bridge-migrate",
         description="Move a single-NIC host's addresses and routes onto a bridge, verified, "
         "with exact rollback.",
     )
-    parser.add_argument(
-        "--version",
-        action="version",
-        version=f"bridge-migrate {build.version()} (build {build.identity()})",
-    )
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and build")
     parser.add_argument(
         "--state-dir",
         type=Path,

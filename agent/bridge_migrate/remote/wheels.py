@@ -44,8 +44,9 @@ def identity(wheel: Path) -> str:
     return build.digest(files)
 
 
-def build_wheels(target: Path, source: Path = CHECKOUT) -> Path:
-    """Build the agent's wheel from the checkout `source` into `target`, and fetch the others."""
+def build_wheels(target: Path) -> Path:
+    """Build the agent's wheel from this checkout into `target`, and fetch the others."""
+    source = CHECKOUT
     if not (source / "pyproject.toml").exists():
         raise RemoteError(
             ExitCode.REFUSED,
