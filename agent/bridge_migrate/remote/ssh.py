@@ -139,16 +139,15 @@ class Ssh:
         fresh: bool,
         stdin: bytes | None = None,
         connect_timeout: float | None = None,
-        timeout: float = COMMAND_TIMEOUT,
     ) -> Answer:
         """Run the helper over the first session or (fresh) a new connection."""
         seconds = self.t.connect_timeout if connect_timeout is None else connect_timeout
         how = self._fresh(seconds) if fresh else self._mux()
         argv = [*how, *self.t.options, self.t.host, self.helper_command(*args)]
         try:
-            done = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+            done = subprocess.run(argv, input=stdin, capture_output=True, timeout=COMMAND_TIMEOUT)
         except subprocess.TimeoutExpired:
-            return Answer(False, {}, f"no answer within {timeout:g} s")
+            return Answer(False, {}, f"no answer within {COMMAND_TIMEOUT:g} s")
         lines = done.stdout.decode(errors="replace").strip().splitlines()
         err = _last_line(done.stderr.decode(errors="replace"))
         if done.returncode == 255 or not lines:  # ssh's own failure: nothing ran
