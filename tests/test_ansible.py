@@ -1,7 +1,11 @@
-"""The Ansible role and playbook (ansible/) against three lab hosts booted with systemd, each
-running a real sshd and reached through its own lab's peer namespace (ProxyCommand), one of
-them with a dead gateway: that host rolls back and is reported; with the threshold set to stop,
-the rollout stops before the next batch; run again below the threshold, it carries on."""
+"""The Ansible role and playbook (ansible/) against five lab hosts booted with systemd, each
+running a real sshd and reached through its own lab's peer namespace (ProxyCommand): one of each
+outcome -- migrated (then "already migrated"), rolled back by the agent (dead gateway), rolled
+back by the host's dead man (a firewall lets nothing but ICMPv6 in on br0), refused (br0 exists
+already), and unknown (powered off during its window, never back). With the threshold at 0 the
+rollout stops after the first batch; with it at 100 every host is attempted; every host's exit
+code and JSON report are checked.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +26,24 @@ from typing import Any
 import pytest
 
 from hostview import assert_unchanged
-from netlab.sshlab import ClientHost, SshKeys, proxy_command
+from netlab.sshlab import ClientHost, SshKeys, drop_new_ssh, proxy_command
 from netlab.sshlab import write_client_config as write_ssh_config
-from test_remote import SshHost, assert_migrated, machine_untouched, wheels  # noqa: F401
+from test_remote import (  # noqa: F401
+    SshHost,
+    assert_migrated,
+    block_all_on,
+    machine_untouched,
+    port,
+    wait_for,
+    wheels,
+)
 
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOK = ROOT / "ansible" / "migrate.yml"
 ANSIBLE_PLAYBOOK = shutil.which("ansible-playbook", path=str(Path(sys.executable).parent))
-NAMES = ("alpha", "bravo", "charlie")  # bravo's gateway is dead
+NAMES = ("alpha", "bravo", "charlie", "delta", "echo")
 PLAYBOOK_TIMEOUT = 240.0
 
 
@@ -138,67 +151,87 @@ def fleet(
     keys = SshKeys.make(tmp_path / "keys")
     with Fleet(tmp_path, keys, wheels) as f:
         f.hosts["bravo"].booted.lab.kill_gateway("addr")
+        block_all_on(f.hosts["charlie"], "br0", but="meta l4proto ipv6-icmp accept")
+        delta = f.hosts["delta"].booted.lab
+        delta.run(delta.host_ns, ["ip", "link", "add", "br0", "type", "bridge"], check=True)
+        drop_new_ssh(f.hosts["echo"].booted.lab, "br0")  # nothing confirms it before it is off
         yield f
 
 
-def _port(connection: str) -> str:
-    return connection.split()[1]
-
-
-def _assert_confirmed_over_a_new_connection(report: dict[str, Any]) -> None:
+def _confirmed_over_a_new_connection(report: dict[str, Any]) -> None:
     assert report["exit_code"] == 0 and report["result"] == "migrated", report
     assert report["phase"] == "committed"
-    assert report["first_session"] == "survived"
-    assert _port(report["first_connection"]) != _port(report["confirm_connection"])
+    first = next(c for c in report["connections"] if c["purpose"] == "first session")
+    confirm = [c for c in report["connections"] if c["saw"] == "committed"]
+    assert len(confirm) == 1 and port(confirm[0]["ssh_connection"]) != port(first["ssh_connection"])
 
 
-def _assert_rolled_back(report: dict[str, Any]) -> None:
+def _rolled_back(report: dict[str, Any], why: str) -> None:
     assert report["exit_code"] == 4 and report["result"] == "rolled back", report
-    assert report["phase"] == "rolled-back"
-    assert "not verified within" in report["message"]
-    assert report["confirm_connection"] is None  # never confirmed
+    assert report["phase"] == "rolled-back" and why in report["message"], report
+    assert not [c for c in report["connections"] if c["saw"] == "committed"]
 
 
 ROLLOUT = {
-    "bridge_migrate_serial": [2, 1],  # alpha and bravo, then charlie
-    "bridge_migrate_timeout": 2,
-    "bridge_migrate_confirm_within": 17,
+    "bridge_migrate_timeout": 3,
+    "bridge_migrate_confirm_within": 8,
+    "bridge_migrate_connect_timeout": 2,
+    "bridge_migrate_reconnect_within": 4,
 }
 
 
-def test_rollout_stops_at_the_failure_threshold_and_carries_on_below_it(fleet: Fleet) -> None:
+def test_rollout_one_of_each_outcome_stops_at_the_threshold_and_carries_on_below_it(
+    fleet: Fleet,
+) -> None:
     before = {n: h.view() for n, h in fleet.hosts.items()}
 
-    # 1. Threshold 0%: alpha migrates, bravo rolls back, and the rollout stops before charlie.
-    stopped = fleet.play(**ROLLOUT, bridge_migrate_max_fail_percentage=0)
+    # 1. Batches of 2, then 3; threshold 0%: alpha migrates, bravo rolls back, and the rollout
+    # stops before the next batch.
+    stopped = fleet.play(
+        **ROLLOUT, bridge_migrate_serial=[2, 3], bridge_migrate_max_fail_percentage=0
+    )
     assert stopped.code != 0, stopped.output
     reports = stopped.reports
-    _assert_confirmed_over_a_new_connection(reports["alpha"])
+    _confirmed_over_a_new_connection(reports["alpha"])
     assert reports["alpha"]["installed_now"] is True
     assert_migrated(fleet.hosts["alpha"].view())
-    _assert_rolled_back(reports["bravo"])
+    _rolled_back(reports["bravo"], "not verified within 3 s")
     assert_unchanged(before["bravo"], fleet.hosts["bravo"].view())
-    assert reports["charlie"]["result"] == "not attempted"
-    assert reports["charlie"]["exit_code"] is None
-    assert_unchanged(before["charlie"], fleet.hosts["charlie"].view())
-    assert not any(fleet.hosts["charlie"].opt.iterdir())  # not even installed
-    assert fleet.hosts["charlie"].record() is None
+    for name in ("charlie", "delta", "echo"):
+        assert reports[name]["result"] == "not attempted" and reports[name]["exit_code"] is None
+        assert not any(fleet.hosts[name].opt.iterdir())  # not even installed
     assert "bravo: rolled back (exit 4)" in stopped.output
-    assert "charlie: not attempted" in stopped.output  # the summary at the end
+    assert "echo: not attempted" in stopped.output  # the summary at the end
     for name in ("alpha", "bravo"):
         assert not fleet.hosts[name].leftovers()
 
-    # 2. The same rollout again, threshold 50%: alpha is already migrated, bravo rolls back
-    # again (half of its batch: not more than allowed), and the rollout goes on to charlie.
-    carried_on = fleet.play(**ROLLOUT, bridge_migrate_max_fail_percentage=50)
-    assert carried_on.code != 0, carried_on.output  # bravo failed, and says so
+    # 2. All in one batch, threshold 100%: every host is attempted, at the same time; echo is
+    # powered off once it waits for confirmation, and never comes back.
+    echo = fleet.hosts["echo"]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(
+            fleet.play, **ROLLOUT, bridge_migrate_serial=5, bridge_migrate_max_fail_percentage=100
+        )
+        wait_for(lambda: echo.phase() == "confirming" or running.done(), 120, "echo confirming")
+        assert not running.done(), running.result().output
+        echo.booted.poweroff()
+        carried_on = running.result(timeout=PLAYBOOK_TIMEOUT)
+    assert carried_on.code != 0, carried_on.output
     reports = carried_on.reports
     assert reports["alpha"]["exit_code"] == 0, reports["alpha"]
     assert reports["alpha"]["result"] == "already migrated"
     assert reports["alpha"]["installed_now"] is False
-    _assert_rolled_back(reports["bravo"])
-    assert_unchanged(before["bravo"], fleet.hosts["bravo"].view())
-    _assert_confirmed_over_a_new_connection(reports["charlie"])
-    for name in ("alpha", "charlie"):
-        assert_migrated(fleet.hosts[name].view())
+    _rolled_back(reports["bravo"], "not verified within 3 s")
+    _rolled_back(reports["charlie"], "deadline passed while confirming")
+    assert reports["delta"]["exit_code"] == 3 and reports["delta"]["result"] == "refused"
+    assert "br0" in reports["delta"]["message"]
+    assert reports["echo"]["exit_code"] == 1 and reports["echo"]["result"] == "unknown"
+    # What is known: how far it got before it went silent (verified, at least).
+    assert "state is unknown" in reports["echo"]["message"], reports["echo"]
+    assert "verif" in reports["echo"]["message"], reports["echo"]
+    for name in ("bravo", "charlie"):
+        assert_unchanged(before[name], fleet.hosts[name].view())
+    assert_migrated(fleet.hosts["alpha"].view())
+    for name in ("alpha", "bravo", "charlie", "delta"):
         assert not fleet.hosts[name].leftovers()
+    assert (fleet.directory / "report").stat().st_mode & 0o077 == 0  # private

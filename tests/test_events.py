@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge_migrate.contract import ExitCode
 from bridge_migrate.events import Events
 
 
@@ -15,7 +16,7 @@ def test_no_sockets_no_output(monkeypatch: pytest.MonkeyPatch) -> None:
     events = Events()
     events.journal = False
     events.phase("batch", 1.0, "20/20", "batch  1.0 ms  20/20")
-    events.result(True, "migrated", "eth0 -> br0")
+    events.result(ExitCode.OK, "migrated", "eth0 -> br0")
 
 
 @pytest.mark.parametrize("address", ["/nonexistent/notify", "@bridge-migrate-test-stale"])
@@ -26,7 +27,7 @@ def test_missing_or_stale_notify_socket_is_not_a_crash(
     events = Events()
     events.journal = False
     events.phase("batch", 1.0, "20/20", "batch")
-    events.result(True, "migrated", "")  # no second complaint: notifying was switched off
+    events.result(ExitCode.OK, "migrated", "")  # no second complaint: notifying was switched off
     assert capsys.readouterr().err.count("sd_notify failed") == 1
 
 
@@ -43,7 +44,7 @@ def test_notify_sends_status_ready_and_watchdog(
         events = Events()
         events.journal = False
         events.phase("verify", 2.0, "every probe answered", "verify")
-        events.result(True, "migrated", "eth0 -> br0")
+        events.result(ExitCode.OK, "migrated", "eth0 -> br0")
         got = [listener.recv(4096).decode() for _ in range(4)]
     assert got == [
         "STATUS=verify: every probe answered",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge_migrate.deadman import GRACE
+from bridge_migrate.contract import GRACE
 from bridge_migrate.record import Store, Transaction
 from bridge_migrate.transaction import KILL_AT_ENV
 from hostview import HostView, assert_unchanged, read_view

@@ -1,4 +1,4 @@
-"""bridge-migrate: the command line. Parses, validates, dispatches; exit codes in errors.py."""
+"""bridge-migrate: the command line. Parses, validates, dispatches; exit codes in contract.py."""
 
 from __future__ import annotations
 
@@ -9,24 +9,28 @@ import time
 import traceback
 from collections.abc import Sequence
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
+from typing import assert_never
 
 from pyroute2 import IPRoute
 
-from . import detach
+from . import build, detach
 from .config import DEFAULT_PATH, Config, load_config, where
-from .errors import ExitCode, Failure, UsageError
+from .contract import (
+    CONFIG_ENV,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TIMEOUT,
+    STATE_DIR_ENV,
+    ExitCode,
+    Summary,
+)
+from .errors import Failure, UsageError
 from .plan import RewriteFirewall
 from .preflight import check_name, check_timeout
-from .record import Store, Transaction, check_id
-from .report import Report
+from .record import Store, Transaction, check_id, current_boot_id
+from .report import Output, Report
 from .transaction import ApplyRequest, apply, confirm, expire, read_plan, rollback
 from .verify import Probe, ProbeSyntaxError, parse_probe
-
-DEFAULT_STATE_DIR = "/var/lib/bridge-migrate"  # survives a reboot: the boot unit reads it
-STATE_DIR_ENV = "BRIDGE_MIGRATE_STATE_DIR"
-CONFIG_ENV = "BRIDGE_MIGRATE_CONFIG"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,13 +40,21 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(ExitCode.USAGE)
 
 
+class _Version(argparse.Action):
+    """The build identity hashes the package's files: only when asked, not at every start."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"bridge-migrate {build.version()} (build {build.identity()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bridge-migrate",
         description="Move a single-NIC host's addresses and routes onto a bridge, verified, "
         "with exact rollback.",
     )
-    parser.add_argument("--version", action="version", version=f"bridge-migrate {_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and build")
     parser.add_argument(
         "--state-dir",
         type=Path,
@@ -68,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--timeout",
                 type=float,
-                help="seconds for the gateway to answer before rolling back (default: 10)",
+                help="seconds for the gateway to answer before rolling back "
+                f"(default: {DEFAULT_TIMEOUT:g})",
             )
             sub.add_argument(
                 "--probe",
@@ -82,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="S",
                 help="after verifying, roll back in S seconds unless `confirm` is run",
             )
-        sub.add_argument("--json", action="store_true", help="print one JSON document")
+        output = sub.add_mutually_exclusive_group()
+        output.add_argument("--json", action="store_true", help="print one JSON document")
+        if name == "apply":
+            output.add_argument(
+                "--events", action="store_true", help="print a JSON line per event, as it happens"
+            )
     for name, text in (
         ("confirm", "commit the transaction that waits for confirmation"),
         ("rollback", "restore the snapshot of the recorded transaction"),
@@ -96,19 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    try:
-        return metadata.version("bridge-migrate")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Absolute before anything uses it: the dead man and the apply unit run in /. Not
     # resolved: the store refuses a path through a symbolic link rather than follow it.
     args.state_dir = Path(os.path.abspath(args.state_dir))
-    report = Report(as_json=args.json)
+    report = Report(_output(args))
     store = Store(args.state_dir)
     try:
         if args.command == "apply" and detach.wanted():
@@ -120,6 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         return _fail(report, ExitCode.INTERNAL, f"internal error: {e!r}", "")
+
+
+def _output(args: argparse.Namespace) -> Output:
+    if args.json:
+        return Output.JSON
+    return Output.EVENTS if getattr(args, "events", False) else Output.TEXT
 
 
 def _dispatch(args: argparse.Namespace, store: Store, report: Report) -> ExitCode:
@@ -152,7 +169,7 @@ def _request(args: argparse.Namespace) -> ApplyRequest:
         check_name(source("nic", "--nic", args.nic), nic)
     bridge = next(b for b in (args.bridge, config.bridge, "br0") if b is not None)
     check_name(source("bridge", "--bridge", args.bridge), bridge)
-    timeout = _pick(getattr(args, "timeout", None), config.timeout, 10.0) or 0.0
+    timeout = _pick(getattr(args, "timeout", None), config.timeout, DEFAULT_TIMEOUT) or 0.0
     check_timeout(source("timeout", "--timeout", getattr(args, "timeout", None)), timeout)
     confirm_within = _pick(getattr(args, "confirm_within", None), config.confirm_within, None)
     if confirm_within is not None:
@@ -193,6 +210,8 @@ def _unit_argv(args: argparse.Namespace, req: ApplyRequest) -> list[str]:
         argv += ["--confirm-within", f"{req.confirm_within:g}"]
     if args.json:
         argv.append("--json")
+    if args.events:
+        argv.append("--events")
     return argv
 
 
@@ -236,7 +255,10 @@ def _status(store: Store, report: Report) -> ExitCode:
         report.finish(ExitCode.OK, "no transaction", f"no record in {store.directory}")
         return ExitCode.OK
     report.attach("transaction", tx)
-    report.attach("seconds_left", tx.deadline - time.time() if tx.phase.pending else None)
+    left = tx.deadline - time.time() if tx.phase.pending else None
+    report.attach("seconds_left", left)
+    summary = Summary(tx.id, tx.phase, tx.detail, left, tx.pid, tx.boot_id, current_boot_id())
+    report.attach("summary", summary.to_data())
     for line in _describe(tx):
         report.note(line)
     report.finish(ExitCode.OK, str(tx.phase), tx.detail)
@@ -263,9 +285,12 @@ def _fail(report: Report, code: ExitCode, message: str, hint: str) -> int:
     text = f"{message}. {hint}" if hint else message
     if code in (ExitCode.USAGE, ExitCode.REFUSED):
         text += ". Nothing was changed"
-    if report.as_json:
-        report.finish(code, "error", text)
-    else:
-        report.events.result(False, "error", text)
-        print(f"bridge-migrate: {text}", file=sys.stderr)
+    match report.output:
+        case Output.JSON | Output.EVENTS:
+            report.finish(code, "error", text)
+        case Output.TEXT:
+            report.events.result(code, "error", text)
+            print(f"bridge-migrate: {text}", file=sys.stderr)
+        case _:
+            assert_never(report.output)
     return int(code)

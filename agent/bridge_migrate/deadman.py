@@ -15,8 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import GRACE as GRACE  # the timer's: deadline + GRACE
+
 ACCURACY = "10ms"
-GRACE = 2.0  # seconds after the deadline: the agent's own rollback normally comes first
 _SYSTEMCTL_TIMEOUT = 15.0
 
 

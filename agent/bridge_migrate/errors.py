@@ -1,17 +1,8 @@
-"""Exit codes (part of the interface: see the README) and the errors that carry them."""
+"""The errors that carry exit codes (contract.ExitCode, part of the interface: see the README)."""
 
 from __future__ import annotations
 
-import enum
-
-
-class ExitCode(enum.IntEnum):
-    OK = 0  # migrated and verified, or already migrated; rollback: host restored
-    INTERNAL = 1  # unexpected internal error
-    USAGE = 2  # invalid usage or input; nothing changed
-    REFUSED = 3  # refused by a pre-flight check; nothing changed
-    ROLLED_BACK = 4  # not verified or a step failed; the host was restored to its snapshot
-    ROLLBACK_INCOMPLETE = 5  # the restore left differences; they are printed
+from .contract import ExitCode
 
 
 class Failure(Exception):

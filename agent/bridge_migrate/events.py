@@ -1,39 +1,56 @@
 """What systemd hears: sd_notify READY/STATUS/WATCHDOG, and journal records with structured
-fields. Each is used only when its socket is there, and a missing or stale socket is not an error
-(the transaction matters more than its log)."""
+fields (contract.Event: what drivers read with `journalctl -o json`). Each is used only when its
+socket is there, and a missing or stale socket is not an error (the transaction matters more than
+its log)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from dataclasses import replace
+
+from .contract import Event, EventKind, ExitCode
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
 class Events:
     def __init__(self) -> None:
-        self.fields: dict[str, str] = {}
+        self.bound = Event(EventKind.STEP, "", "")  # transaction, NIC, bridge once known
         self.journal = os.path.exists(JOURNAL_SOCKET)
         self.notify_socket = os.environ.get("NOTIFY_SOCKET")
         self.watchdog = self.notify_socket is not None and _watchdog_is_ours()
         self.stdout_is_journal = self.journal and _stdout_is_journal()
 
-    def bind(self, **fields: str) -> None:
-        """Fields sent with every later record (transaction id, NIC, bridge)."""
-        self.fields.update({f"BRIDGE_MIGRATE_{k.upper()}": v for k, v in fields.items()})
+    def bind(
+        self, transaction: str | None = None, nic: str | None = None, bridge: str | None = None
+    ) -> None:
+        """Fields sent with every later record."""
+        b = self.bound
+        self.bound = replace(
+            b,
+            transaction=transaction or b.transaction,
+            nic=nic or b.nic,
+            bridge=bridge or b.bridge,
+        )
 
-    def phase(self, name: str, ms: float, detail: str, line: str) -> None:
+    def phase(self, name: str, ms: float, detail: str, line: str) -> Event:
+        event = replace(self.bound, name=name, detail=detail, ms=ms)
         self._notify(f"STATUS={name}: {detail}")
-        self._log(line, PHASE=name, DURATION_MS=f"{ms:.3f}")
+        self._log(line, event, priority=6)
         self.ping()
+        return event
 
-    def result(self, ok: bool, result: str, message: str) -> None:
+    def result(self, code: ExitCode, result: str, message: str) -> Event:
+        event = replace(
+            self.bound, kind=EventKind.RESULT, name=result, detail=message, exit_code=code
+        )
         text = f"{result}: {message}" if message else result
-        self._log(text, PHASE="result", RESULT=result, PRIORITY="6" if ok else "3")
+        self._log(text, event, priority=6 if code == ExitCode.OK else 3)
         self._notify(f"STATUS={text}")
-        if ok:
+        if code == ExitCode.OK:
             self._notify("READY=1")
+        return event
 
     def ping(self) -> None:
         if self.watchdog:
@@ -51,7 +68,7 @@ class Events:
             print(f"bridge-migrate: sd_notify failed: {e}", file=sys.stderr)
             self.notify_socket = None
 
-    def _log(self, message: str, **fields: Any) -> None:
+    def _log(self, message: str, event: Event, priority: int) -> None:
         if not self.journal:
             return
         try:
@@ -60,9 +77,8 @@ class Events:
             journal.send(
                 message,
                 SYSLOG_IDENTIFIER="bridge-migrate",
-                **self.fields,
-                **{f"BRIDGE_MIGRATE_{k}": v for k, v in fields.items() if k != "PRIORITY"},
-                PRIORITY=fields.get("PRIORITY", "6"),
+                PRIORITY=str(priority),
+                **event.journal_fields(),
             )
         except (OSError, ImportError) as e:  # a stale socket, or no systemd bindings
             print(f"bridge-migrate: journal unavailable: {e}", file=sys.stderr)

@@ -24,7 +24,6 @@ directory itself: there is no lock file to plant.
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import json
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import deadman, serde
+from .contract import Phase
 from .errors import Refused, UsageError
 from .model import HostState
 from .plan import Plan, plan_takeover
@@ -59,23 +59,6 @@ _UNDO_HINT = (
     "it was not used. To start over, move it aside (as root); to put the host back on its NIC "
     "without a record, use `bridge-migrate undo`"
 )
-
-
-class Phase(enum.StrEnum):
-    PLANNED = "planned"  # snapshot taken, nothing changed yet
-    APPLYING = "applying"  # changes are being sent
-    VERIFYING = "verifying"  # the batch is in; probes are running
-    CONFIRMING = "confirming"  # verified; waiting for `bridge-migrate confirm`
-    COMMITTED = "committed"
-    ROLLING_BACK = "rolling-back"
-    ROLLED_BACK = "rolled-back"
-    ROLLBACK_INCOMPLETE = "rollback-incomplete"
-    INTERRUPTED = "interrupted"  # the machine restarted while the transaction was pending
-
-    @property
-    def pending(self) -> bool:
-        """The host may be between two states: a new transaction must not start."""
-        return self not in (Phase.COMMITTED, Phase.ROLLED_BACK, Phase.INTERRUPTED)
 
 
 @dataclass(frozen=True)

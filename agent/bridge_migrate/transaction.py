@@ -19,13 +19,14 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 from . import deadman
 from .batch import BatchResult, Outcome, send_batch
 from .compare import differences
+from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .encode import Resolve
-from .errors import ExitCode, Refused
+from .errors import Refused
 from .model import AF_INET6, HostState
 from .plan import AddAddress, Plan, Step, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .ready import wait_until_ready
-from .record import Locked, Phase, RecordError, Store, Transaction, current_boot_id, process_start
+from .record import Locked, RecordError, Store, Transaction, current_boot_id, process_start
 from .report import Report
 from .rollback import already_so, restore
 from .simulate import simulate
@@ -106,7 +107,7 @@ def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = Fa
         with IPRoute() as ipr:
             prepared = read_plan(ipr, req, report)
             if prepared is None:
-                report.finish(ExitCode.OK, "already migrated", "nothing to do")
+                report.finish(ExitCode.OK, ALREADY_MIGRATED, "nothing to do")
                 return ExitCode.OK
             tx = _arm_and_record(tx_id, req, store, report, prepared)
             run = _Run(ipr, store, report, tx)
