@@ -154,15 +154,22 @@ def test_rollback_command_restores_a_committed_migration(lab: Lab, agent: Agent)
     assert agent("apply").code == 0  # and it can migrate again
 
 
-def test_sigterm_during_verification_rolls_back(lab: Lab, agent: Agent) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_during_verification_rolls_back_at_once(
+    lab: Lab, agent: Agent, signum: signal.Signals
+) -> None:
     before = read_view(lab.host_ns)
     lab.kill_gateway("addr")
-    proc = agent.popen("apply", "--timeout", "20")
+    proc = agent.popen("apply", "--timeout", "30")
     _wait_for_phase(agent.state_dir, "verifying", proc)
-    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)
+    took = time.monotonic() - sent
     assert proc.returncode == 4, out + err
-    assert "interrupted by SIGTERM" in out
+    assert f"interrupted by {signum.name}" in out
+    assert took < 1.0, f"rolled back {took:.2f} s after the signal, not at once"
     assert_unchanged(before, read_view(lab.host_ns))
 
 
@@ -175,6 +182,24 @@ def test_second_concurrent_apply_is_refused(lab: Lab, agent: Agent) -> None:
     out, err = first.communicate(timeout=30)
     assert (first.returncode, second.code) == (4, 3), (out, err, second.stderr)
     assert "another bridge-migrate" in second.stderr and "Nothing was changed" in second.stderr
+    assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_one_transaction_per_network_namespace_whatever_the_state_dir(
+    lab: Lab, agent: Agent, tmp_path: Path
+) -> None:
+    before = read_view(lab.host_ns)
+    lab.kill_gateway("addr")
+    first = agent.popen("apply", "--timeout", "3")
+    _wait_for_phase(agent.state_dir, "verifying", first)
+    other = Agent(lab, tmp_path / "other-state")
+    for command in (("apply",), ("rollback",)):
+        second = other(*command)
+        assert second.code == 3, second.stdout + second.stderr
+        assert "is changing this network namespace: transaction" in second.stderr
+        assert str(agent.state_dir) in second.stderr
+    out, err = first.communicate(timeout=30)
+    assert first.returncode == 4, out + err
     assert_unchanged(before, read_view(lab.host_ns))
 
 

@@ -25,6 +25,7 @@ from .contract import (
     Summary,
 )
 from .errors import Failure, UsageError
+from .events import printable
 from .plan import RewriteFirewall
 from .preflight import check_name, check_timeout
 from .record import Store, Transaction, check_id, current_boot_id
@@ -290,7 +291,7 @@ def _fail(report: Report, code: ExitCode, message: str, hint: str) -> int:
             report.finish(code, "error", text)
         case Output.TEXT:
             report.events.result(code, "error", text)
-            print(f"bridge-migrate: {text}", file=sys.stderr)
+            print(f"bridge-migrate: {printable(text)}", file=sys.stderr)
         case _:
             assert_never(report.output)
     return int(code)

@@ -12,6 +12,13 @@ from dataclasses import replace
 from .contract import Event, EventKind, ExitCode
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# C0 and C1 control characters and DEL, shown as \xNN: a newline in a value must not become a
+# second sd_notify assignment (READY=1), a forged journal field or a terminal escape.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    return text.translate(_ESCAPES)
 
 
 class Events:
@@ -62,7 +69,7 @@ class Events:
         try:
             from systemd import daemon
 
-            daemon.notify(state)
+            daemon.notify(printable(state))
         # A stale or missing socket, or no systemd bindings: say so once, go on.
         except (OSError, ImportError) as e:
             print(f"bridge-migrate: sd_notify failed: {e}", file=sys.stderr)
@@ -74,11 +81,12 @@ class Events:
         try:
             from systemd import journal
 
+            fields = {k: printable(v) for k, v in event.journal_fields().items()}
             journal.send(
-                message,
+                printable(message),
                 SYSLOG_IDENTIFIER="bridge-migrate",
                 PRIORITY=str(priority),
-                **event.journal_fields(),
+                **fields,
             )
         except (OSError, ImportError) as e:  # a stale socket, or no systemd bindings
             print(f"bridge-migrate: journal unavailable: {e}", file=sys.stderr)

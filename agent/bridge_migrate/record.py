@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import deadman, serde
+from . import deadman, nslock, serde
 from .contract import Phase
 from .errors import Refused, UsageError
 from .model import HostState
@@ -223,7 +223,15 @@ class Store:
                     f"another bridge-migrate{_holder(dirfd)} is working on {self.directory}",
                     "wait for it to finish; `bridge-migrate status` shows the transaction",
                 ) from None
-            yield
+            try:
+                with nslock.held():
+                    yield
+            except nslock.Busy as e:
+                raise Locked(
+                    f"another bridge-migrate (pid {e.pid}) is changing this network namespace"
+                    f"{_running(e.state_dir)}",
+                    "wait for it to finish; one transaction per network namespace",
+                ) from None
         finally:
             os.close(dirfd)
 
@@ -515,6 +523,18 @@ def _device_names(tx: Transaction) -> Iterator[str]:
     yield from (r.dev for r in s.routes)
     yield from (n.dev for n in s.neighbours)
     yield from (tx.plan.nic, tx.plan.bridge)
+
+
+def _running(state_dir: Path | None) -> str:
+    """What the other agent is doing, as far as its record says."""
+    if state_dir is None:
+        return ""
+    try:
+        tx = Store(state_dir).load()
+    except RecordError:
+        tx = None
+    what = f": transaction {tx.id} ({tx.plan.nic} -> {tx.plan.bridge}) is {tx.phase}" if tx else ""
+    return f"{what}, recorded in {state_dir}"
 
 
 def _holder(dirfd: int) -> str:

@@ -12,7 +12,7 @@ from typing import Any, TextIO, assert_never
 
 from . import serde
 from .contract import Event, ExitCode
-from .events import Events
+from .events import Events, printable
 
 
 class Output(enum.Enum):
@@ -59,7 +59,7 @@ class Report:
     def _print(self, line: str) -> None:
         # Under systemd, stdout is the journal: the structured record already says it.
         if self.output is Output.TEXT and not self.events.stdout_is_journal:
-            print(line, file=self.out, flush=True)
+            print(printable(line), file=self.out, flush=True)
 
     def _emit(self, event: Event) -> None:
         if self.output is Output.EVENTS:
@@ -67,7 +67,7 @@ class Report:
 
     def note(self, line: str) -> None:
         if self.output is Output.TEXT:
-            print(f"{'':<10} {'':>12}  {line}", file=self.out, flush=True)
+            print(f"{'':<10} {'':>12}  {printable(line)}", file=self.out, flush=True)
 
     def attach(self, key: str, value: Any) -> None:
         """Add a section to the JSON document (snapshot, plan, differences, ...)."""

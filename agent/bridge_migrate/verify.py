@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pyroute2 import IPRoute
-from tenacity import Retrying, retry_if_result, stop_before_delay, wait_fixed
+from tenacity import (
+    Retrying,
+    retry_if_result,
+    stop_before_delay,
+    stop_when_event_set,
+    wait_fixed,
+)
 
 from .model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState, Route
 
@@ -84,9 +90,14 @@ def parse_probe(text: str, what: str = "--probe") -> Probe:
 
 def _parse_address(value: str, what: str, text: str) -> str:
     try:
-        return str(ipaddress.ip_address(value))
+        address = ipaddress.ip_address(value)
     except ValueError:
         raise ProbeSyntaxError(f"{what} {text!r}: {value!r} is not an IP address") from None
+    # Python takes any text after '%' as an IPv6 scope id: only an interface name is one.
+    scope = getattr(address, "scope_id", None)
+    if scope is not None and not (scope.isascii() and scope.isprintable() and " " not in scope):
+        raise ProbeSyntaxError(f"{what} {text!r}: the scope id is not an interface name")
+    return str(address)
 
 
 def gateway_probes(state: HostState, bridge: str) -> tuple[Probe, ...]:
@@ -125,13 +136,25 @@ def run_probes(
     """Each probe retried until it answers or the monotonic `deadline` passes; `on_attempt`
     is called before each try (a watchdog ping)."""
     started = time.monotonic()
+    stop = threading.Event()
     # Concurrently: one silent target must not eat the others' time.
-    with ThreadPoolExecutor(max_workers=max(1, len(probes))) as pool:
-        return tuple(pool.map(lambda p: _run_until(p, started, deadline, on_attempt), probes))
+    pool = ThreadPoolExecutor(max_workers=max(1, len(probes)))
+    try:
+        running = [pool.submit(_run_until, p, started, deadline, on_attempt, stop) for p in probes]
+        return tuple(f.result() for f in running)
+    finally:
+        # Also when a signal interrupts the wait: the probes stop within one attempt, so the
+        # rollback starts at once, not at the deadline.
+        stop.set()
+        pool.shutdown(wait=True)
 
 
 def _run_until(
-    probe: Probe, started: float, deadline: float, on_attempt: Callable[[], None]
+    probe: Probe,
+    started: float,
+    deadline: float,
+    on_attempt: Callable[[], None],
+    stop: threading.Event,
 ) -> ProbeResult:
     attempts = 0
     asker = _ASKERS[probe.kind](probe)
@@ -147,7 +170,7 @@ def _run_until(
             return False
 
     retrying = Retrying(
-        stop=stop_before_delay(max(0.0, deadline - time.monotonic())),
+        stop=stop_before_delay(max(0.0, deadline - time.monotonic())) | stop_when_event_set(stop),
         wait=wait_fixed(_PAUSE),
         retry=retry_if_result(lambda ok: not ok),
         retry_error_callback=lambda _state: False,
