@@ -218,8 +218,8 @@ def list_ruleset() -> list[Json]:
 def read_nic_rules(nic: str, bridge: str = "br0") -> NftRules:
     """The rules naming `nic` in the families that see the bridge instead, and the blockers.
 
-    A rule that already names `bridge` (or a wildcard matching it) is a blocker too: it would
-    start matching the host's traffic after the takeover.
+    A rule that names `bridge` only is left as it is: an admin may have written it for after
+    the takeover. One that names both cannot be rewritten without merging the two: a blocker.
     """
     if not _net_admin():  # libnftables would also print "you must be root" on stderr
         return NftRules((), (), "netfilter rules not read: needs root (CAP_NET_ADMIN)")
@@ -318,6 +318,11 @@ def rule_problems(rule: NftRule, nic: str, bridge: str) -> list[str]:
     rewriter = _Rewriter(nic, bridge)
     rewritten = rewriter.statements(rule.statements)
     problems = rewriter.problems
+    if rewriter.hits and rewriter.names_new:
+        problems.append(
+            f'names both "{nic}" and "{bridge}": renamed, the two would be one; '
+            "merge them by hand first"
+        )
     if not problems and names_device(rewritten, nic):
         problems.append(
             f'names "{nic}" outside an interface match this tool can rewrite: '
@@ -353,10 +358,9 @@ def set_blockers(objects: list[Json], nic: str, bridge: str) -> Iterator[str]:
         for s in _objects(objects, kind):
             if s["family"] not in REWRITTEN_FAMILIES:
                 continue
-            named = [n for n in (nic, bridge) if _elements_name(s.get("elem", []), n)]
-            if named:
+            if _elements_name(s.get("elem", []), nic):
                 yield (
-                    f'{s["family"]} {s["table"]}: named {kind} {s["name"]} matches "{named[0]}"'
+                    f'{s["family"]} {s["table"]}: named {kind} {s["name"]} matches "{nic}"'
                     f"{_set_users(objects, s)}: add {bridge} to it and remove {nic} by hand, "
                     "or use an anonymous set in the rules"
                 )
@@ -441,6 +445,7 @@ class _Rewriter:
     def __init__(self, old: str, new: str) -> None:
         self.old, self.new = old, new
         self.hits = 0
+        self.names_new = False
         self.problems: list[str] = []
 
     def statements(self, statements: list[Json]) -> list[Json]:
@@ -494,19 +499,11 @@ class _Rewriter:
             self.hits += 1
             return self.new
         if value == self.new:
-            self.problems.append(
-                f'already names "{self.new}": after the takeover it would match the '
-                "host's traffic; remove it or change it by hand first"
-            )
+            self.names_new = True
         elif key in _NAME_KEYS and _wildcard_matches(value, self.old):
             self.problems.append(
                 f'the wildcard "{value}" matches "{self.old}": rewriting it would change what '
                 f'else it matches; split it by hand (e.g. add a rule for "{self.new}")'
-            )
-        elif key in _NAME_KEYS and _wildcard_matches(value, self.new):
-            self.problems.append(
-                f'the wildcard "{value}" matches "{self.new}": after the takeover it would '
-                "match the host's traffic; narrow it by hand first"
             )
         elif value.startswith("@"):
             pass  # a named set: set_blockers() looks at its elements
@@ -666,7 +663,7 @@ def _echoed(todo: list[NftRewrite], echoed: Json) -> tuple[NftRewrite, ...]:
 
 
 def legacy_iptables_blockers(nic: str, bridge: str) -> Iterator[str]:
-    """Rules of iptables-legacy (x_tables, no nftables API) naming the NIC or the bridge."""
+    """Rules of iptables-legacy (x_tables, no nftables API) naming the NIC."""
     for proc, save in (("ip_tables_names", "iptables"), ("ip6_tables_names", "ip6tables")):
         if _proc_tables(proc):
             yield from _saved_rule_blockers(f"{save}-legacy-save", nic, bridge, "iptables-legacy")
@@ -701,9 +698,9 @@ def _saved_rule_blockers(save: str, nic: str, bridge: str, what: str) -> Iterato
         yield f"{save} failed: {done.stderr.strip()}"
         return
     for table, line in _saved_rules(done.stdout):
-        if _names_interface(line, nic, bridge):
+        if _names_interface(line, nic):
             yield (
-                f"{what} rule in table {table} names {nic} or {bridge}: {line}: "
+                f"{what} rule in table {table} names {nic}: {line}: "
                 f"migrate the rule to {bridge} by hand or to nftables"
             )
 
@@ -717,14 +714,14 @@ def _saved_rules(text: str) -> Iterator[tuple[str, str]]:
             yield table, line
 
 
-def _names_interface(line: str, nic: str, bridge: str) -> bool:
+def _names_interface(line: str, nic: str) -> bool:
     try:
         words = shlex.split(line)
     except ValueError:
         words = line.split()
     flags = ("-i", "-o", "--in-interface", "--out-interface")
     values = [b for a, b in itertools.pairwise(words) if a in flags]
-    return any(v in (nic, bridge) or _plus_matches(v, nic, bridge) for v in values)
+    return any(v == nic or _plus_matches(v, nic) for v in values)
 
 
 def _plus_matches(value: str, *names: str) -> bool:
