@@ -203,6 +203,20 @@ def test_one_transaction_per_network_namespace_whatever_the_state_dir(
     assert_unchanged(before, read_view(lab.host_ns))
 
 
+def test_a_dead_man_that_fires_before_the_deadline_does_nothing(lab: Lab, agent: Agent) -> None:
+    # The verification's timer, still firing after a confirmation window moved the deadline.
+    waiting = agent.popen("apply", "--confirm-within", "30")
+    try:
+        _wait_for_phase(agent.state_dir, "confirming", waiting)
+        tx_id = json.loads(agent("status", "--json").stdout)["transaction"]["id"]
+        early = agent("expire", tx_id)
+        assert early.code == 0 and "within its time" in early.stdout, early.stdout + early.stderr
+        assert recorded_phase(agent.state_dir) == "confirming"
+    finally:
+        waiting.send_signal(signal.SIGTERM)  # it is the dead man here: it rolls back
+        waiting.communicate(timeout=30)
+
+
 def test_held_lock_refuses(lab: Lab, agent: Agent) -> None:
     agent.state_dir.mkdir(mode=0o700)
     fd = os.open(agent.state_dir, os.O_RDONLY | os.O_DIRECTORY)

@@ -46,6 +46,7 @@ class ApplyRequest:
 # Test-only: the agent SIGKILLs itself at the step boundary this variable names.
 KILL_AT_ENV = "BRIDGE_MIGRATE_TEST_KILL_AT"
 _EXPIRE_LOCK_WAIT = 10.0  # the dead man waits this long for a live agent to let go
+_EARLY = 0.5  # seconds: a dead man this much before its deadline was meant for an older one
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,11 @@ def expire(store: Store, report: Report, tx_id: str) -> ExitCode:
         if not tx.phase.pending:
             report.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is {tx.phase}")
             return ExitCode.OK
+        if time.time() < tx.deadline - _EARLY:
+            # The timer of a deadline that has moved on (the verification's, once a
+            # confirmation window took over): the window's own dead man keeps the new one.
+            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is within its time")
+            return ExitCode.OK
         report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
         why = f"deadline passed while {tx.phase}"
         return _roll_back_recorded(store, report, tx, why, ExitCode.ROLLED_BACK)
@@ -199,6 +205,8 @@ def confirm(store: Store, report: Report) -> ExitCode:
         if tx is None or tx.phase is not Phase.CONFIRMING:
             what = f"transaction {tx.id} is {tx.phase}" if tx else "no transaction recorded"
             raise Refused(f"nothing to confirm: {what}")
+        if tx.from_another_boot:  # the bridge went with the restart: nothing to keep
+            raise Refused(f"nothing to confirm: transaction {tx.id} was cut short by a restart")
         if time.time() > tx.deadline:
             raise Refused(
                 f"too late: the window for transaction {tx.id} has closed", "it is rolling back"
@@ -352,6 +360,9 @@ class _Run:
     def await_confirmation(self, seconds: float) -> ExitCode:
         """Hand the deadline to a dead man for the window (make before break), then return."""
         old, unit = self.tx.dead_man, None
+        # Before arming: the timer then fires at or after the recorded deadline, never before
+        # (`expire` ignores a timer that comes early).
+        deadline = time.time() + seconds
         if old is not None:
             try:
                 where = deadman.locate()
@@ -359,7 +370,7 @@ class _Run:
             except deadman.DeadManError as e:
                 return self.roll_back(self.tx.plan.steps, str(e), ExitCode.ROLLED_BACK)
         try:
-            self.mark(Phase.CONFIRMING, "verified", deadline=time.time() + seconds, dead_man=unit)
+            self.mark(Phase.CONFIRMING, "verified", deadline=deadline, dead_man=unit)
         except RecordError as e:  # `confirm` could not find the window: close it now
             if old is not None:
                 with suppress(deadman.DeadManError):
