@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from bridge_migrate.deadman import GRACE
+from bridge_migrate.failpoints import KILL_AT_ENV
 from bridge_migrate.plan import DeleteBridge, ReplaceRoute, Step
 from bridge_migrate.record import (
     BLOCK,
@@ -30,7 +31,6 @@ from bridge_migrate.record import (
     Transaction,
     process_start,
 )
-from bridge_migrate.transaction import KILL_AT_ENV
 from conftest import Agent, Run
 from hostview import read_view
 from netlab import Lab

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from bridge_migrate.contract import GRACE
+from bridge_migrate.failpoints import KILL_AT_ENV
 from bridge_migrate.record import Store, Transaction
-from bridge_migrate.transaction import KILL_AT_ENV
 from hostview import HostView, assert_unchanged, read_view
 from netlab.systemd import Bind, BootedLab, BootSpec
 

@@ -10,28 +10,23 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, replace
-from types import FrameType
+from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from . import deadman
-from .batch import BatchResult, Outcome, send_batch
-from .compare import differences
+from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, signal_guard
 from .contract import ALREADY_MIGRATED, ExitCode, Phase
-from .encode import Resolve
 from .errors import Refused
-from .model import AF_INET6, HostState
-from .plan import AddAddress, Plan, Step, carried_counts, is_migrated, plan_takeover
+from .model import HostState
+from .plan import carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
-from .ready import wait_until_ready
-from .record import Locked, RecordError, Store, Transaction, current_boot_id, process_start
+from .record import Locked, RecordError, Store, Transaction
 from .report import Report
-from .rollback import already_so, restore
 from .simulate import simulate
-from .snapshot import read_host, read_links
-from .verify import Probe, gateway_probes, run_probes, wrong_way
+from .snapshot import read_host
+from .verify import Probe, gateway_probes
 
 
 @dataclass(frozen=True)
@@ -43,30 +38,8 @@ class ApplyRequest:
     confirm_within: float | None  # keep the change pending this long, until `confirm`
 
 
-# Test-only: the agent SIGKILLs itself at the step boundary this variable names.
-KILL_AT_ENV = "BRIDGE_MIGRATE_TEST_KILL_AT"
 _EXPIRE_LOCK_WAIT = 10.0  # the dead man waits this long for a live agent to let go
 _EARLY = 0.5  # seconds: a dead man this much before its deadline was meant for an older one
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Everything decided before the first change."""
-
-    snapshot: HostState
-    plan: Plan
-    desired: HostState
-    probes: tuple[Probe, ...]
-
-
-class Interrupted(Exception):
-    pass
-
-
-class StepFailed(Exception):
-    def __init__(self, message: str, done: tuple[Step, ...]) -> None:
-        super().__init__(message)
-        self.done = done
 
 
 def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | None:
@@ -110,57 +83,18 @@ def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = Fa
             if prepared is None:
                 report.finish(ExitCode.OK, ALREADY_MIGRATED, "nothing to do")
                 return ExitCode.OK
-            tx = _arm_and_record(tx_id, req, store, report, prepared)
-            run = _Run(ipr, store, report, tx)
-            code = run.apply(prepared, req.timeout, req.confirm_within)
-    if code == ExitCode.OK and run.tx.phase is Phase.CONFIRMING and run.tx.dead_man is None:
-        return _be_the_dead_man(store, report, run.tx)
-    return code
-
-
-def _arm_and_record(
-    tx_id: str, req: ApplyRequest, store: Store, report: Report, p: Prepared
-) -> Transaction:
-    """Arm the dead man, then write the record: if we die in between, it finds no transaction
-    of its id and does nothing; if arming fails, nothing has changed."""
-    where = deadman.locate()
-    unit = None
-    if where.available:
-        try:
-            unit = deadman.arm(
-                where, tx_id, "deadline", req.timeout + deadman.GRACE, store.directory
-            )
-        except deadman.DeadManError as e:
-            raise Refused(str(e)) from None
-        report.note(f"dead man armed: {unit}.timer rolls back unless the transaction ends")
-    else:
-        report.note(f"no independent dead man ({where.why_not}): this process keeps the deadline")
-    now = time.time()
-    pid = os.getpid()
-    tx = Transaction(
-        id=tx_id,
-        phase=Phase.PLANNED,
-        pid=pid,
-        pid_start=process_start(pid) or 0,
-        started=now,
-        updated=now,
-        boot_id=current_boot_id(),
-        deadline=now + req.timeout,
-        dead_man=unit,
-        snapshot=p.snapshot,
-        plan=p.plan,
-        probes=p.probes,
-        detail="",
-    )
-    try:
-        store.create(tx)
-    except RecordError:
-        if unit is not None:  # it would find no transaction of its id, but leave no timer
-            with suppress(deadman.DeadManError):
-                deadman.disarm(unit)
-        raise
-    _boundary("planned")
-    return tx
+            plan = prepared.plan
+            deadline = Deadline.after(req.timeout)
+            with Checkpoint.open(ipr, store, report, tx_id, prepared, deadline) as cp:
+                cp.take_over(prepared)
+                cp.verify(prepared, deadline, req.timeout)
+                if req.confirm_within is None:
+                    cp.commit(f"{plan.nic} -> {plan.bridge}, verified")
+                else:
+                    cp.hold(req.confirm_within)
+    if cp.outcome == ExitCode.OK and cp.tx.phase is Phase.CONFIRMING and cp.tx.dead_man is None:
+        return _be_the_dead_man(store, report, cp.tx)
+    return cp.outcome
 
 
 def rollback(store: Store, report: Report) -> ExitCode:
@@ -229,10 +163,10 @@ def confirm(store: Store, report: Report) -> ExitCode:
 def _roll_back_recorded(
     store: Store, report: Report, tx: Transaction, why: str, code: ExitCode
 ) -> ExitCode:
-    with IPRoute() as ipr, _signal_guard(armed=False):
+    with IPRoute() as ipr, signal_guard(armed=False):
         # Where the agent stopped is unknown: undo every step (each inverse tolerates
         # finding its work already done).
-        return _Run(ipr, store, report, tx).roll_back(tx.plan.steps, why, code)
+        return resume(ipr, store, report, tx).roll_back(tx.plan.steps, why, code)
 
 
 @contextmanager
@@ -274,7 +208,7 @@ def _be_the_dead_man(store: Store, report: Report, tx: Transaction) -> ExitCode:
     """No systemd: this process waits out the confirmation window, then expires the
     transaction unless `bridge-migrate confirm` committed it. A signal ends the wait early."""
     report.note("no systemd: this process is the dead man; keep it running")
-    with _signal_guard() as guard:
+    with signal_guard() as guard:
         try:
             while time.time() < tx.deadline:
                 if _ended(store, tx):
@@ -322,198 +256,6 @@ def _check_previous(store: Store, report: Report, at_boot: bool) -> None:
     _refuse_pending(tx)
 
 
-class _Run:
-    """One transaction under way: the kernel, the record and the report, kept in step."""
-
-    def __init__(self, ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> None:
-        self.ipr, self.store, self.report, self.tx = ipr, store, report, tx
-
-    def mark(self, phase: Phase, detail: str = "", **changes: object) -> None:
-        self.tx = replace(self.tx.at(phase, time.time(), detail), **changes)  # type: ignore[arg-type]
-        self.store.save(self.tx)
-
-    def apply(self, p: Prepared, timeout: float, confirm_within: float | None) -> ExitCode:
-        with _signal_guard() as guard:
-            try:
-                self.mark(Phase.APPLYING)
-                _boundary("applying")
-                self.take_over(p)
-                self.verify(p, time.monotonic() + timeout, timeout)
-            except Exception as e:
-                guard.armed = False  # a rollback, once started, runs to its end
-                # Interrupted or surprised, we do not know what was done: undo every step.
-                done = e.done if isinstance(e, StepFailed) else p.plan.steps
-                code = ExitCode.INTERNAL if _is_bug(e) else ExitCode.ROLLED_BACK
-                return self.roll_back(done, str(e), code)
-            guard.armed = False
-            if confirm_within is not None:
-                return self.await_confirmation(confirm_within)
-            try:
-                self.mark(Phase.COMMITTED, "verified")
-            except RecordError as e:  # else the record says pending: a dead man would undo it
-                return self.roll_back(p.plan.steps, e.message, ExitCode.ROLLED_BACK)
-            _boundary("committed")
-            self.disarm()
-        self.report.finish(ExitCode.OK, "migrated", f"{p.plan.nic} -> {p.plan.bridge}, verified")
-        return ExitCode.OK
-
-    def await_confirmation(self, seconds: float) -> ExitCode:
-        """Hand the deadline to a dead man for the window (make before break), then return."""
-        old, unit = self.tx.dead_man, None
-        # Before arming: the timer then fires at or after the recorded deadline, never before
-        # (`expire` ignores a timer that comes early).
-        deadline = time.time() + seconds
-        if old is not None:
-            try:
-                where = deadman.locate()
-                unit = deadman.arm(where, self.tx.id, "confirm", seconds, self.store.directory)
-            except deadman.DeadManError as e:
-                return self.roll_back(self.tx.plan.steps, str(e), ExitCode.ROLLED_BACK)
-        try:
-            self.mark(Phase.CONFIRMING, "verified", deadline=deadline, dead_man=unit)
-        except RecordError as e:  # `confirm` could not find the window: close it now
-            if old is not None:
-                with suppress(deadman.DeadManError):
-                    deadman.disarm(old)
-            return self.roll_back(self.tx.plan.steps, e.message, ExitCode.ROLLED_BACK)
-        if old is not None:
-            deadman.disarm(old)
-        self.report.finish(
-            ExitCode.OK,
-            "verified, waiting for confirmation",
-            f"run `bridge-migrate confirm` within {seconds:g} s, or the host is rolled back",
-        )
-        return ExitCode.OK
-
-    def disarm(self) -> None:
-        if self.tx.dead_man is not None:
-            try:
-                deadman.disarm(self.tx.dead_man)
-            except deadman.DeadManError as e:  # it will fire, find the transaction over, and stop
-                self.report.note(str(e))
-
-    def take_over(self, p: Prepared) -> None:
-        """Create the bridge, make the additions, wait until the kernel has the bridge ready,
-        send the batch, check the host against the plan."""
-        plan, report = p.plan, self.report
-        started = time.perf_counter()
-        created = send_batch([plan.prepare.do], _resolver(self.ipr))
-        if not created.ok:
-            raise StepFailed(created.outcomes[0].describe(), ())
-        _boundary("bridge")
-        done: tuple[Step, ...] = (plan.prepare,)
-        resolve = _resolver(self.ipr)
-        for steps in (plan.tune, plan.make):
-            sent = send_batch([s.do for s in steps], resolve)
-            done += _succeeded(steps, sent)
-            if _failures(sent):
-                report.phase("prepare", started, _acked(steps, sent))
-                raise StepFailed("; ".join(o.describe() for o in _failures(sent)), done)
-        made = sent
-        ipv6 = tuple(
-            s.do.address.address
-            for s in plan.make
-            if isinstance(s.do, AddAddress) and s.do.address.family == AF_INET6
-        )
-        waited = wait_until_ready(self.ipr, plan.bridge, ipv6)
-        ready = f"ready after {waited * 1000:.2f} ms" if waited is not None else "NOT ready"
-        report.phase("prepare", started, f"{plan.prepare.do}; {_acked(plan.make, made)}; {ready}")
-        started = time.perf_counter()
-        result = send_batch([s.do for s in plan.batch], _resolver(self.ipr))
-        done += _succeeded(plan.batch, result)
-        report.phase("batch", started, _acked(plan.batch, result))
-        _boundary("batch")
-        if _failures(result):
-            raise StepFailed("; ".join(o.describe() for o in _failures(result)), done)
-        started = time.perf_counter()
-        diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
-        diff += wrong_way(self.ipr, p.snapshot, plan.bridge)
-        report.phase("check", started, "; ".join(diff) or "host matches the plan")
-        if diff:
-            raise StepFailed("host does not match the plan: " + "; ".join(diff), done)
-        self.mark(Phase.VERIFYING)
-        _boundary("verifying")
-
-    def verify(self, p: Prepared, deadline: float, timeout: float) -> None:
-        started = time.perf_counter()
-        results = run_probes(p.probes, deadline, self.report.ping)
-        for r in results:
-            answer = "answered" if r.ok else "no answer"
-            ms = r.seconds * 1000
-            self.report.note(f"{r.probe}: {answer} after {r.attempts} attempt(s), {ms:.1f} ms")
-        missing = ", ".join(str(r.probe) for r in results if not r.ok)
-        summary = f"no answer from {missing}" if missing else "every probe answered"
-        self.report.phase("verify", started, summary)
-        if missing:
-            raise StepFailed(f"not verified within {timeout:g} s: {missing}", p.plan.steps)
-        _boundary("verified")
-
-    def roll_back(self, done: tuple[Step, ...], why: str, code: ExitCode) -> ExitCode:
-        """Undo `done`, compare with the snapshot, then record (as far as the record can take
-        it: the host comes first) and report the outcome."""
-        self.record_if_possible(Phase.ROLLING_BACK, why)
-        started = time.perf_counter()
-        result = restore(self.ipr, self.tx.plan, self.tx.snapshot, done, self.age)
-        lines = [*(o.describe() for o in result.failures), *result.differences]
-        self.report.attach("differences", lines)
-        for line in lines:
-            self.report.note(line)
-        batch = result.batch
-        undone = f"{len(batch.outcomes)} inverse operations in {batch.seconds * 1000:.2f} ms"
-        verdict = "host equals snapshot" if result.complete else f"{len(lines)} difference(s) left"
-        self.report.phase("rollback", started, f"{undone}; {verdict}")
-        if not result.complete:
-            unrecorded = self.record_if_possible(Phase.ROLLBACK_INCOMPLETE, "; ".join(lines))
-            self.report.finish(
-                ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why + unrecorded
-            )
-            return ExitCode.ROLLBACK_INCOMPLETE
-        unrecorded = self.record_if_possible(Phase.ROLLED_BACK, why)
-        self.disarm()
-        self.report.finish(code, "rolled back", f"{why}; host restored to its snapshot{unrecorded}")
-        return code
-
-    def record_if_possible(self, phase: Phase, detail: str) -> str:
-        """Record `phase`; if the record cannot take it, say so (returned, to add to the
-        result) and go on."""
-        try:
-            self.mark(phase, detail)
-        except RecordError as e:
-            self.report.note(f"{phase} not recorded: {e.message}")
-            return f"; NOT recorded ({e.message}): `bridge-migrate status` shows an older phase"
-        return ""
-
-    @property
-    def age(self) -> float:
-        """Seconds since the snapshot: finite lifetimes have run down by this much."""
-        return time.time() - self.tx.started
-
-
-def _succeeded(steps: tuple[Step, ...], result: BatchResult) -> tuple[Step, ...]:
-    """Steps whose operation the kernel did, or found done (a flushed neighbour entry)."""
-    return tuple(
-        s for s, o in zip(steps, result.outcomes, strict=True) if o.ok or already_so(o.op, o.error)
-    )
-
-
-def _failures(result: BatchResult) -> tuple[Outcome, ...]:
-    return tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
-
-
-def _acked(steps: tuple[Step, ...], result: BatchResult) -> str:
-    done = len(_succeeded(steps, result))
-    return f"{done}/{len(steps)} acknowledged in {result.seconds * 1000:.2f} ms"
-
-
-def _is_bug(e: Exception) -> bool:
-    return not isinstance(e, StepFailed | Interrupted | OSError | RecordError)
-
-
-def _boundary(name: str) -> None:
-    if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _refuse_pending(tx: Transaction | None) -> None:
     if tx is not None and tx.phase.pending:
         raise Refused(
@@ -522,36 +264,7 @@ def _refuse_pending(tx: Transaction | None) -> None:
         )
 
 
-def _resolver(ipr: IPRoute) -> Resolve:
-    return {name: link.index for name, link in read_links(ipr).items()}.__getitem__
-
-
 def _summary(state: HostState) -> str:
     nic = state.nic
     counts = ", ".join(f"{n} {kind}" for kind, n in carried_counts(state).items() if n)
     return f"{nic.name} {nic.mac} mtu {nic.mtu}: carries {counts or 'nothing'}"
-
-
-@dataclass
-class _Guard:
-    armed: bool = True
-
-
-@contextmanager
-def _signal_guard(armed: bool = True) -> Iterator[_Guard]:
-    """While armed, SIGTERM, SIGHUP and SIGINT roll the transaction back instead of killing
-    the agent; disarmed (a rollback is running), they are ignored."""
-    guard = _Guard(armed)
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        if guard.armed:
-            guard.armed = False
-            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-    signums = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-    old = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield guard
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)

@@ -296,38 +296,38 @@ def _await(s: socket.socket, wait: float, matches: Callable[[bytes], bool]) -> b
 _ASKERS: dict[str, type[_Asker]] = {"arp": _ArpAsker, "icmp": _IcmpAsker, "tcp": _TcpAsker}
 
 
-def wrong_way(ipr: IPRoute, snapshot: HostState, bridge: str) -> tuple[str, ...]:
-    """Ask the kernel (RTM_GETROUTE) how the host itself now reaches each next hop it had and
-    each moved prefix: through anything but the bridge, its traffic would go out of the port."""
+def wrong_way(ipr: IPRoute, snapshot: HostState, source: str, target: str) -> tuple[str, ...]:
+    """Ask the kernel (RTM_GETROUTE) how the host itself now reaches each next hop it had on
+    `source` and each prefix moved from it: through anything but `target`, its traffic would
+    go out of the wrong device (a bridge port, or a bridge about to go)."""
     found = []
     names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
-    for target in _route_targets(snapshot):
+    for dst in _route_targets(snapshot, source):
         try:
-            (answer,) = ipr.route("get", dst=target)
+            (answer,) = ipr.route("get", dst=dst)
         except (OSError, ValueError) as e:
-            found.append(f"the host has no route to {target}: {e}")
+            found.append(f"the host has no route to {dst}: {e}")
             continue
         dev = names.get(answer.get("RTA_OIF"))
-        if dev != bridge:
-            found.append(f"the host sends to {target} via {dev}, not {bridge}")
+        if dev != target:
+            found.append(f"the host sends to {dst} via {dev}, not {target}")
     return tuple(found)
 
 
-def _route_targets(snapshot: HostState) -> list[str]:
+def _route_targets(snapshot: HostState, source: str) -> list[str]:
     """The next hops of the moved routes in the main table, and an address in each moved
     prefix that is not the host's own."""
-    nic = snapshot.nic.name
     own = {a.address for _, a in snapshot.addresses}
     # A link-local next hop names no device by itself: the probe bound to the bridge covers it.
     targets = [
         r.next_hop
-        for r in snapshot.routes_on(nic)
+        for r in snapshot.routes_on(source)
         if r.next_hop
         and r.table == RT_TABLE_MAIN
         and r.family == _family_of(r.next_hop)
         and not ipaddress.ip_address(r.next_hop).is_link_local
     ]
-    for a in snapshot.addresses_on(nic):
+    for a in snapshot.addresses_on(source):
         if not a.is_global:
             continue
         net = ipaddress.ip_interface(f"{a.address}/{a.prefixlen}").network

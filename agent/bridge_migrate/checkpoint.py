@@ -1,0 +1,363 @@
+"""One transaction on the host, owned by one object.
+
+`Checkpoint.open` arms the dead man and writes the record before the first change; inside it the
+plan's sends, the check and the verification run; ANY exception or signal on the way rolls the
+host back, from here alone; `commit` or `hold` (a confirmation window) ends it. A checkpoint
+resumed from a record rolls back what another process left (`rollback`, `expire`, the dead man).
+
+Compare nmstate's plugin_context: the rollback lives in one context manager, not at every call.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from types import FrameType
+
+from pyroute2 import IPRoute
+
+from . import deadman
+from .batch import BatchResult, Outcome, send_batch
+from .compare import differences
+from .contract import ExitCode, Phase
+from .encode import Resolve
+from .errors import Refused
+from .failpoints import boundary
+from .model import AF_INET6, HostState
+from .plan import AddAddress, Plan, Step
+from .ready import wait_until_ready
+from .record import RecordError, Store, Transaction, current_boot_id, process_start
+from .report import Report
+from .rollback import already_so, restore
+from .snapshot import read_host, read_links
+from .verify import Probe, run_probes, wrong_way
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """One deadline, on two clocks: monotonic to wait on, its wall-clock twin for the record
+    and the dead man's timer."""
+
+    monotonic: float
+    wall: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds, time.time() + seconds)
+
+    @property
+    def left(self) -> float:
+        return self.monotonic - time.monotonic()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything decided before the first change."""
+
+    snapshot: HostState
+    plan: Plan
+    desired: HostState
+    probes: tuple[Probe, ...]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StepFailed(Exception):
+    """A step failed, or the host is not what the plan said: roll back what was done."""
+
+
+class Checkpoint:
+    def __init__(self, ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> None:
+        self.ipr, self.store, self.report, self.tx = ipr, store, report, tx
+        self.done: tuple[Step, ...] = ()  # the steps the kernel acknowledged, in order
+        self.outcome = ExitCode.INTERNAL  # until the transaction ends one way or the other
+        self._guard = _Guard(armed=False)
+
+    # -- the life cycle -------------------------------------------------------------------
+
+    @classmethod
+    @contextmanager
+    def open(
+        cls,
+        ipr: IPRoute,
+        store: Store,
+        report: Report,
+        tx_id: str,
+        prepared: Prepared,
+        deadline: Deadline,
+    ) -> Iterator[Checkpoint]:
+        """Arm, record, then run the body; on any exception or signal, roll back."""
+        cp = cls(ipr, store, report, _arm_and_record(tx_id, store, report, prepared, deadline))
+        with signal_guard() as cp._guard:
+            try:
+                cp.mark(Phase.APPLYING)
+                boundary("applying")
+                yield cp
+            except Exception as e:
+                cp._guard.armed = False  # a rollback, once started, runs to its end
+                # What a failed step left is known; after anything else, undo every step
+                # (each inverse tolerates finding its work already done).
+                done = cp.done if isinstance(e, StepFailed) else cp.tx.plan.steps
+                code = ExitCode.INTERNAL if _is_bug(e) else ExitCode.ROLLED_BACK
+                cp.outcome = cp.roll_back(done, str(e), code)
+
+    def commit(self, what: str) -> None:
+        self.mark(Phase.COMMITTED, "verified")  # a failure here rolls back: else a dead man would
+        self._guard.armed = False
+        boundary("committed")
+        self.disarm()
+        self.report.finish(ExitCode.OK, "migrated", what)
+        self.outcome = ExitCode.OK
+
+    def hold(self, seconds: float) -> None:
+        """Verified: hand the deadline to a dead man for the confirmation window (make before
+        break), and return; `bridge-migrate confirm` commits."""
+        old, unit = self.tx.dead_man, None
+        # Before arming: the timer then fires at or after the recorded deadline, never before
+        # (`expire` ignores a timer that comes early).
+        deadline = time.time() + seconds
+        if old is not None:
+            where = deadman.locate()
+            unit = deadman.arm(where, self.tx.id, "confirm", seconds, self.store.directory)
+        try:
+            self.mark(Phase.CONFIRMING, "verified", deadline=deadline, dead_man=unit)
+        except RecordError:  # `confirm` could not find the window: close it now
+            if unit is not None:
+                with suppress(deadman.DeadManError):
+                    deadman.disarm(unit)
+            raise
+        self._guard.armed = False
+        if old is not None:
+            deadman.disarm(old)
+        self.report.finish(
+            ExitCode.OK,
+            "verified, waiting for confirmation",
+            f"run `bridge-migrate confirm` within {seconds:g} s, or the host is rolled back",
+        )
+        self.outcome = ExitCode.OK
+
+    # -- the work -------------------------------------------------------------------------
+
+    def send(self, steps: tuple[Step, ...], resolve: Resolve) -> BatchResult:
+        """One send of the plan; every acknowledged step is remembered for the rollback."""
+        result = send_batch([s.do for s in steps], resolve)
+        self.done += _succeeded(steps, result)
+        return result
+
+    def take_over(self, p: Prepared) -> None:
+        """Create the bridge, copy the settings, make the additions, wait until the kernel has
+        the device that receives the addresses ready, send the batch, check the host."""
+        plan, report = p.plan, self.report
+        started = time.perf_counter()
+        _require(self.send((plan.prepare,), _resolver(self.ipr)))
+        boundary("bridge")
+        resolve = _resolver(self.ipr)
+        for steps in (plan.tune, plan.make):
+            made = self.send(steps, resolve)
+            if _failures(made):
+                report.phase("prepare", started, _acked(steps, made))
+                _require(made)
+        added = [s.do for s in plan.make if isinstance(s.do, AddAddress)]
+        target = added[0].dev if added else plan.bridge
+        ipv6 = tuple(op.address.address for op in added if op.address.family == AF_INET6)
+        waited = wait_until_ready(self.ipr, target, ipv6)
+        ready = f"ready after {waited * 1000:.2f} ms" if waited is not None else "NOT ready"
+        report.phase("prepare", started, f"{plan.prepare.do}; {_acked(plan.make, made)}; {ready}")
+        started = time.perf_counter()
+        result = self.send(plan.batch, _resolver(self.ipr))
+        report.phase("batch", started, _acked(plan.batch, result))
+        boundary("batch")
+        _require(result)
+        self.check(p, target)
+
+    def check(self, p: Prepared, target: str) -> None:
+        started = time.perf_counter()
+        plan = p.plan
+        diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
+        source = plan.nic if target == plan.bridge else plan.bridge
+        diff += wrong_way(self.ipr, p.snapshot, source, target)
+        self.report.phase("check", started, "; ".join(diff) or "host matches the plan")
+        if diff:
+            raise StepFailed("host does not match the plan: " + "; ".join(diff))
+        self.mark(Phase.VERIFYING)
+        boundary("verifying")
+
+    def verify(self, p: Prepared, deadline: Deadline, timeout: float) -> None:
+        started = time.perf_counter()
+        results = run_probes(p.probes, deadline.monotonic, self.report.ping)
+        for r in results:
+            answer = "answered" if r.ok else "no answer"
+            ms = r.seconds * 1000
+            self.report.note(f"{r.probe}: {answer} after {r.attempts} attempt(s), {ms:.1f} ms")
+        missing = ", ".join(str(r.probe) for r in results if not r.ok)
+        summary = f"no answer from {missing}" if missing else "every probe answered"
+        self.report.phase("verify", started, summary)
+        if missing:
+            self.done = self.tx.plan.steps
+            raise StepFailed(f"not verified within {timeout:g} s: {missing}")
+        boundary("verified")
+
+    # -- the way back ---------------------------------------------------------------------
+
+    def roll_back(self, done: tuple[Step, ...], why: str, code: ExitCode) -> ExitCode:
+        """Undo `done`, compare with the snapshot, then record (as far as the record can take
+        it: the host comes first) and report the outcome."""
+        self.record_if_possible(Phase.ROLLING_BACK, why)
+        started = time.perf_counter()
+        result = restore(self.ipr, self.tx.plan, self.tx.snapshot, done, self.age)
+        lines = [*(o.describe() for o in result.failures), *result.differences]
+        self.report.attach("differences", lines)
+        for line in lines:
+            self.report.note(line)
+        batch = result.batch
+        undone = f"{len(batch.outcomes)} inverse operations in {batch.seconds * 1000:.2f} ms"
+        verdict = "host equals snapshot" if result.complete else f"{len(lines)} difference(s) left"
+        self.report.phase("rollback", started, f"{undone}; {verdict}")
+        if not result.complete:
+            unrecorded = self.record_if_possible(Phase.ROLLBACK_INCOMPLETE, "; ".join(lines))
+            self.report.finish(
+                ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why + unrecorded
+            )
+            return ExitCode.ROLLBACK_INCOMPLETE
+        unrecorded = self.record_if_possible(Phase.ROLLED_BACK, why)
+        self.disarm()
+        self.report.finish(code, "rolled back", f"{why}; host restored to its snapshot{unrecorded}")
+        return code
+
+    # -- the record and the dead man ------------------------------------------------------
+
+    def mark(self, phase: Phase, detail: str = "", **changes: object) -> None:
+        tx = replace(self.tx.at(phase, time.time(), detail), **changes)  # type: ignore[arg-type]
+        self.store.save(tx)
+        self.tx = tx
+
+    def record_if_possible(self, phase: Phase, detail: str) -> str:
+        """Record `phase`; if the record cannot take it, say so (returned, to add to the
+        result) and go on."""
+        try:
+            self.mark(phase, detail)
+        except RecordError as e:
+            self.report.note(f"{phase} not recorded: {e.message}")
+            return f"; NOT recorded ({e.message}): `bridge-migrate status` shows an older phase"
+        return ""
+
+    def disarm(self) -> None:
+        if self.tx.dead_man is not None:
+            try:
+                deadman.disarm(self.tx.dead_man)
+            except deadman.DeadManError as e:  # it will fire, find the transaction over, and stop
+                self.report.note(str(e))
+
+    @property
+    def age(self) -> float:
+        """Seconds since the snapshot: finite lifetimes have run down by this much."""
+        return time.time() - self.tx.started
+
+
+def resume(ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> Checkpoint:
+    """A recorded transaction, to roll back from another process."""
+    return Checkpoint(ipr, store, report, tx)
+
+
+def _arm_and_record(
+    tx_id: str, store: Store, report: Report, p: Prepared, deadline: Deadline
+) -> Transaction:
+    """Arm the dead man, then write the record: if we die in between, it finds no transaction
+    of its id and does nothing; if arming or recording fails, nothing has changed."""
+    where = deadman.locate()
+    unit = None
+    if where.available:
+        try:
+            seconds = deadline.left + deadman.GRACE
+            unit = deadman.arm(where, tx_id, "deadline", seconds, store.directory)
+        except deadman.DeadManError as e:
+            raise Refused(str(e)) from None
+        report.note(f"dead man armed: {unit}.timer rolls back unless the transaction ends")
+    else:
+        report.note(f"no independent dead man ({where.why_not}): this process keeps the deadline")
+    now, pid = time.time(), os.getpid()
+    tx = Transaction(
+        id=tx_id,
+        phase=Phase.PLANNED,
+        pid=pid,
+        pid_start=process_start(pid) or 0,
+        started=now,
+        updated=now,
+        boot_id=current_boot_id(),
+        deadline=deadline.wall,
+        dead_man=unit,
+        snapshot=p.snapshot,
+        plan=p.plan,
+        probes=p.probes,
+        detail="",
+    )
+    try:
+        store.create(tx)
+    except RecordError:
+        if unit is not None:  # it would find no transaction of its id, but leave no timer
+            with suppress(deadman.DeadManError):
+                deadman.disarm(unit)
+        raise
+    boundary("planned")
+    return tx
+
+
+def _succeeded(steps: tuple[Step, ...], result: BatchResult) -> tuple[Step, ...]:
+    """Steps whose operation the kernel did, or found done (a flushed neighbour entry)."""
+    return tuple(
+        s for s, o in zip(steps, result.outcomes, strict=True) if o.ok or already_so(o.op, o.error)
+    )
+
+
+def _require(result: BatchResult) -> None:
+    failed = _failures(result)
+    if failed:
+        raise StepFailed("; ".join(o.describe() for o in failed))
+
+
+def _failures(result: BatchResult) -> tuple[Outcome, ...]:
+    return tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
+
+
+def _acked(steps: tuple[Step, ...], result: BatchResult) -> str:
+    done = len(_succeeded(steps, result))
+    return f"{done}/{len(steps)} acknowledged in {result.seconds * 1000:.2f} ms"
+
+
+def _is_bug(e: Exception) -> bool:
+    return not isinstance(e, StepFailed | Interrupted | OSError | RecordError)
+
+
+def _resolver(ipr: IPRoute) -> Resolve:
+    return {name: link.index for name, link in read_links(ipr).items()}.__getitem__
+
+
+@dataclass
+class _Guard:
+    armed: bool = True
+
+
+@contextmanager
+def signal_guard(armed: bool = True) -> Iterator[_Guard]:
+    """While armed, SIGTERM, SIGHUP and SIGINT roll the transaction back instead of killing
+    the agent; disarmed (a rollback is running, or the transaction is over), they are ignored."""
+    guard = _Guard(armed)
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if guard.armed:
+            guard.armed = False
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+    signums = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield guard
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
