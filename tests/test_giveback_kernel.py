@@ -14,6 +14,7 @@ import pytest
 from conftest import Agent
 from hostview import HostView, assert_unchanged, read_view
 from netlab import Lab
+from test_fidelity import FIREWALL
 
 pytestmark = pytest.mark.root
 
@@ -104,10 +105,11 @@ def test_giveback_after_the_agents_takeover(lab: Lab, agent: Agent) -> None:
         ],
     )
     lab.sysctl(lab.host_ns, {"net.ipv4.conf.eth0.rp_filter": 1})
+    lab.run(lab.host_ns, ["nft", "-f", "-"], input=FIREWALL, timeout=10).check_returncode()
     before = read_view(lab.host_ns)
     run = agent("apply", "--timeout", "5")
     assert run.code == 0, run.stdout + run.stderr
-    assert read_view(lab.host_ns).link("br0") is not None
+    assert '"br0"' in read_view(lab.host_ns).ruleset
     give_back(lab)
     after = read_view(lab.host_ns)
     assert_back_on_eth0(lab, after)
@@ -164,3 +166,23 @@ def test_giveback_of_a_bridge_made_by_hand(lab: Lab) -> None:
     learned = {("eth0", *n[1:]) for n in bridged.neighbours if n[0] == "br0"}
     assert learned and learned <= after.neighbours
     assert_unchanged(replace(before, sysctls=after.sysctls, neighbours=after.neighbours), after)
+
+
+def test_what_names_the_bridge_and_cannot_move_back_is_refused(lab: Lab, agent: Agent) -> None:
+    assert agent("apply", "--timeout", "5").code == 0
+    lab.ip_batch(
+        lab.host_ns,
+        [
+            "link add up0 link br0 type macvlan",
+            "nexthop add id 7 via 198.18.0.1 dev br0",
+            "route add 198.19.10.0/24 nhid 7",
+        ],
+    )
+    before = read_view(lab.host_ns)
+    done = lab.run(lab.host_ns, [sys.executable, "-c", GIVEBACK, "br0"], timeout=30)
+    assert done.returncode == 3, done.stdout + done.stderr
+    refused = json.loads(done.stdout)["refused"]
+    assert any(r.startswith("macvlan up0 is stacked on br0") for r in refused), refused
+    assert any(r.startswith("nexthop object 7 is on br0") for r in refused), refused
+    assert any("198.19.10.0/24" in r for r in refused), refused
+    assert_unchanged(before, read_view(lab.host_ns))
