@@ -19,7 +19,9 @@ from test_fidelity import FIREWALL
 pytestmark = pytest.mark.root
 
 # Run inside the host namespace: read, refuse or plan, then send as transaction.take_over does
-# (prepare alone, tune, make, wait until the NIC is ready, batch).
+# (prepare alone, tune, make, wait until the NIC is ready, batch). With "undo", then send every
+# inverse, newest first, as rollback.restore orders them; the bridge they start by re-creating
+# alone, since the rest name it.
 GIVEBACK = """
 import json, sys
 from pyroute2 import IPRoute
@@ -28,10 +30,10 @@ from bridge_migrate.giveback import giveback_refusals, plan_giveback, port_refus
 from bridge_migrate.model import AF_INET6
 from bridge_migrate.plan import AddAddress
 from bridge_migrate.ready import wait_until_ready
-from bridge_migrate.rollback import already_so
+from bridge_migrate.rollback import already_so, on_link_first
 from bridge_migrate.snapshot import read_bridge_side, read_host, read_links
 
-bridge, detach = sys.argv[1], tuple(sys.argv[2:])
+mode, bridge, detach = sys.argv[1], sys.argv[2], tuple(sys.argv[3:])
 with IPRoute() as ipr:
     side = read_bridge_side(ipr, bridge, detach)
     nic = side.kept_port(detach)
@@ -45,19 +47,24 @@ with IPRoute() as ipr:
     plan = plan_giveback(state, bridge, detach)
     resolve = {name: link.index for name, link in read_links(ipr).items()}.__getitem__
     failed = []
-    def send(steps):
-        result = send_batch([s.do for s in steps], resolve)
+    def send(ops):
+        result = send_batch(ops, resolve)
         bad = [o for o in result.outcomes if not (o.ok or already_so(o.op, o.error))]
         failed.extend(o.describe() for o in bad)
     for steps in ((plan.prepare,), plan.tune, plan.make):
-        send(steps)
+        send([s.do for s in steps])
     ipv6 = tuple(
         s.do.address.address
         for s in plan.steps
         if isinstance(s.do, AddAddress) and s.do.address.family == AF_INET6
     )
     waited = wait_until_ready(ipr, plan.nic, ipv6)
-    send(plan.batch)
+    send([s.do for s in plan.batch])
+    if mode == "undo":
+        created, *rest = on_link_first([s.undo for s in reversed(plan.steps)])
+        send([created])
+        resolve = {name: link.index for name, link in read_links(ipr).items()}.__getitem__
+        send(rest)
     print(json.dumps({"failed": failed, "waited": waited}))
 """
 
@@ -74,8 +81,9 @@ def nodad(view: HostView) -> set[str]:
     return {str(a[2]) for a in view.addresses if a[1] == 10 and a[5] & IFA_F_NODAD}  # type: ignore[operator]
 
 
-def give_back(lab: Lab, *detach: str) -> dict[str, Any]:
-    done = lab.run(lab.host_ns, [sys.executable, "-c", GIVEBACK, "br0", *detach], timeout=30)
+def give_back(lab: Lab, *detach: str, mode: str = "give") -> dict[str, Any]:
+    argv = [sys.executable, "-c", GIVEBACK, mode, "br0", *detach]
+    done = lab.run(lab.host_ns, argv, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     assert result["failed"] == [], result
@@ -149,7 +157,7 @@ def test_giveback_of_a_bridge_made_by_hand(lab: Lab) -> None:
     )
     lab.wait_reachable(lab.host_ns, [a.gw_v4, a.gw_v6], timeout=5)
     bridged = read_view(lab.host_ns)
-    refused = lab.run(lab.host_ns, [sys.executable, "-c", GIVEBACK, "br0"], timeout=30)
+    refused = lab.run(lab.host_ns, [sys.executable, "-c", GIVEBACK, "give", "br0"], timeout=30)
     assert refused.returncode == 3 and "guests attached to br0: vguest" in refused.stdout
     give_back(lab, "vguest")
     after = read_view(lab.host_ns)
@@ -179,10 +187,31 @@ def test_what_names_the_bridge_and_cannot_move_back_is_refused(lab: Lab, agent: 
         ],
     )
     before = read_view(lab.host_ns)
-    done = lab.run(lab.host_ns, [sys.executable, "-c", GIVEBACK, "br0"], timeout=30)
+    done = lab.run(lab.host_ns, [sys.executable, "-c", GIVEBACK, "give", "br0"], timeout=30)
     assert done.returncode == 3, done.stdout + done.stderr
     refused = json.loads(done.stdout)["refused"]
     assert any(r.startswith("macvlan up0 is stacked on br0") for r in refused), refused
     assert any(r.startswith("nexthop object 7 is on br0") for r in refused), refused
     assert any("198.19.10.0/24" in r for r in refused), refused
     assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_the_inverse_of_the_giveback_puts_the_host_back_on_the_bridge(
+    lab: Lab, agent: Agent
+) -> None:
+    lab.ip_batch(
+        lab.host_ns,
+        [
+            "addr add 2001:db8:0:5::10/64 dev eth0 valid_lft 900 preferred_lft 600",
+            "rule add iif eth0 table 100 pref 100",
+            "neigh add proxy 198.18.0.77 dev eth0",
+        ],
+    )
+    lab.sysctl(lab.host_ns, {"net.ipv4.conf.eth0.rp_filter": 1, "net.ipv6.conf.eth0.hop_limit": 33})
+    lab.run(lab.host_ns, ["nft", "-f", "-"], input=FIREWALL, timeout=10).check_returncode()
+    assert agent("apply", "--timeout", "5").code == 0
+    migrated = read_view(lab.host_ns)
+    give_back(lab, mode="undo")
+    a = lab.addrs
+    lab.wait_reachable(lab.host_ns, [a.gw_v4, a.gw_v6], timeout=5)
+    assert_unchanged(migrated, read_view(lab.host_ns))
