@@ -269,3 +269,19 @@ class HostState:
 
     def neighbours_on(self, dev: str) -> tuple[Neighbour, ...]:
         return tuple(n for n in self.neighbours if n.dev == dev)
+
+
+@dataclass(frozen=True)
+class BridgeSide:
+    """What `undo` reads about a bridge beyond HostState: the device, its ports, and everything
+    naming it that a move back onto the NIC could not carry (each a sentence naming it)."""
+
+    name: str
+    device: Link | None  # None: there is no device of that name
+    ports: tuple[Link, ...]  # every device enslaved to it, the NIC among them
+    blockers: tuple[str, ...] = ()
+
+    def kept_port(self, detach: tuple[str, ...]) -> Link | None:
+        """The NIC to give the host back to: the one port not named to be detached."""
+        kept = [p for p in self.ports if p.name not in detach]
+        return kept[0] if len(kept) == 1 else None

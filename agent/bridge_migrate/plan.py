@@ -257,6 +257,32 @@ def plan_takeover(state: HostState, bridge: str) -> Plan:
     return Plan(nic=nic, bridge=bridge, prepare=prepare, tune=tune, make=make, batch=batch)
 
 
+@dataclass(frozen=True)
+class Carried:
+    """The steps that carry what is configured on `state.nic` to another device, each beside its
+    inverse, for a planner to place: additions on the other device, then what leaves the first."""
+
+    rules: tuple[Step, ...]  # rules naming the other device, beside those naming the first
+    addresses: tuple[Step, ...]  # the first device's addresses added to the other
+    neighbours: tuple[Step, ...]  # its neighbour and proxy entries copied to the other
+    firewall: tuple[Step, ...]  # its nftables rules renamed, one transaction (or none)
+    routes: tuple[Step, ...]  # its routes replaced onto the other, on-link ones first
+    dropped: tuple[Step, ...]  # then its addresses, neighbour entries and rules deleted
+
+
+def carry(state: HostState, dev: str) -> Carried:
+    """What `plan_takeover` carries from the NIC to the bridge, from `state.nic` to `dev`: the
+    giveback reads the host with the two roles swapped and carries the bridge back."""
+    return Carried(
+        rules=tuple(_add_rules(state, dev)),
+        addresses=tuple(_add_addresses(state, dev)),
+        neighbours=tuple(_carry_neighbours(state, dev)),
+        firewall=tuple(_rewrite_firewall(state, dev)),
+        routes=tuple(_move_routes(state, dev)),
+        dropped=(*_drop_addresses(state), *_drop_neighbours(state), *_drop_rules(state)),
+    )
+
+
 def moved_addresses(state: HostState) -> tuple[Address, ...]:
     """All IPv4 addresses and the IPv6 ones that are not link-local (br0 makes its own)."""
     return tuple(

@@ -75,6 +75,8 @@ def simulate_op(state: HostState, op: Op) -> HostState:
         case DeleteBridge():
             return _delete_bridge(state, op.name)
         case SetMaster():
+            if op.dev != state.nic.name:
+                return state  # a guest's port, detached or put back: not in the model
             return replace(state, nic=replace(state.nic, master=op.master))
         case AddAddress():
             return _add_address(state, op.dev, op.address)

@@ -5,6 +5,7 @@ bridge; and every object bound to the NIC that a move could not carry exactly, n
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -18,6 +19,7 @@ from .model import (
     NUD_VALID,
     RT_TABLE_MAIN,
     Address,
+    BridgeSide,
     HostState,
     Link,
     Neighbour,
@@ -103,9 +105,9 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
             if m["ifindex"] in wanted and _is_carried(m)
         ),
         unsupported=(
-            *_unsupported_routes(routes, links[nic]),
+            *_unsupported_routes(routes, links[nic], "the bridge"),
             *_uppers(link_msgs, links[nic]),
-            *_unsupported_rules(rule_msgs, nic),
+            *_unsupported_rules(rule_msgs, nic, "the bridge"),
             *firewall.blockers,
         ),
         firewall=firewall.rules,
@@ -114,14 +116,49 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
     )
 
 
-def _unsupported_routes(routes: list[Msg], nic: Link) -> tuple[str, ...]:
+def read_bridge_side(ipr: IPRoute, bridge: str, detach: tuple[str, ...]) -> BridgeSide:
+    """The bridge `undo` would delete, its ports, and what names it that cannot move back onto
+    the NIC (the port not in `detach`): the takeover's blockers, with the roles swapped."""
+    link_msgs = list(ipr.get_links())
+    links = _links(link_msgs)
+    device = links.get(bridge)
+    ports = tuple(link for link in links.values() if link.master == bridge)
+    side = BridgeSide(bridge, device, ports)
+    nic = side.kept_port(detach)
+    if device is None or nic is None:
+        return side  # refused for that alone
+    routes = list(ipr.get_routes())
+    return replace(
+        side,
+        blockers=(
+            *_stacked_on_bridge(link_msgs, device, nic.name),
+            *_unsupported_routes(routes, device, nic.name),
+            *_unsupported_rules(list(ipr.get_rules()), bridge, nic.name),
+            *netfilter.read_nic_rules(bridge, nic.name).blockers,
+        ),
+    )
+
+
+def _stacked_on_bridge(msgs: list[Msg], bridge: Link, nic: str) -> list[str]:
+    return [
+        f"{m.get(('IFLA_LINKINFO', 'IFLA_INFO_KIND')) or 'device'} {m.get('IFLA_IFNAME')} is "
+        f"stacked on {bridge.name}, which undo deletes: move it onto {nic}, or remove it, by hand"
+        for m in msgs
+        if m.get("IFLA_LINK") == bridge.index
+        and m["index"] != bridge.index
+        and m.get("IFLA_LINK_NETNSID") is None
+    ]
+
+
+def _unsupported_routes(routes: list[Msg], nic: Link, onto: str) -> tuple[str, ...]:
+    """What goes through `nic` that cannot be moved to `onto` (the other device)."""
     found = []
     on_nic = {nh for nh, oif in dump.nexthop_objects() if oif == nic.index}
     for nh in sorted(on_nic):
         found.append(
             f"nexthop object {nh} is on {nic.name}: routes through nexthop objects are not "
             f"moved; replace them with plain routes (`ip route replace ... via GW dev "
-            f"{nic.name}`) or move the nexthop to the bridge by hand"
+            f"{nic.name}`) or move the nexthop to {onto} by hand"
         )
     for m in routes:
         hops = m.get("RTA_MULTIPATH") or []
@@ -129,14 +166,14 @@ def _unsupported_routes(routes: list[Msg], nic: Link) -> tuple[str, ...]:
         if extra and m.get("RTA_OIF") == nic.index:
             found.append(
                 f"route {_dst(m)} dev {nic.name} has {', '.join(extra)}, which this tool does "
-                "not carry: move the route to the bridge by hand"
+                f"not carry: move the route to {onto} by hand"
             )
         if _uses_nexthop(m) and m.get("RTA_OIF") == nic.index:
             found.append(f"route {_dst(m)} goes through a nexthop object on {nic.name} (see above)")
         elif any(h["oif"] == nic.index for h in hops):
             found.append(
                 f"route {_dst(m)} is a multipath route through {nic.name}: make it a plain "
-                "route for the move, or move it to the bridge by hand"
+                f"route for the move, or move it to {onto} by hand"
             )
     return tuple(found)
 
@@ -147,7 +184,7 @@ def _uses_nexthop(m: Msg) -> bool:
     )
 
 
-def _unsupported_rules(msgs: list[Msg], nic: str) -> list[str]:
+def _unsupported_rules(msgs: list[Msg], nic: str, onto: str) -> list[str]:
     found = []
     for m in msgs:
         if nic not in (m.get("FRA_IIFNAME"), m.get("FRA_OIFNAME")):
@@ -156,7 +193,7 @@ def _unsupported_rules(msgs: list[Msg], nic: str) -> list[str]:
         if extra:
             found.append(
                 f"{_rule(m)} has {', '.join(extra)}, which this tool does not carry: move "
-                f"the rule to the bridge by hand (`ip rule`)"
+                f"the rule to {onto} by hand (`ip rule`)"
             )
     return found
 
