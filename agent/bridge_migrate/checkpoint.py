@@ -112,7 +112,8 @@ class Checkpoint:
         self._guard.armed = False
         boundary("committed")
         self.disarm()
-        self.report.finish(ExitCode.OK, "migrated", what)
+        result = "migrated" if self.tx.plan.direction == "takeover" else "migrated back"
+        self.report.finish(ExitCode.OK, result, what)
         self.outcome = ExitCode.OK
 
     def hold(self, seconds: float) -> None:
@@ -151,8 +152,9 @@ class Checkpoint:
         return result
 
     def take_over(self, p: Prepared) -> None:
-        """Create the bridge, copy the settings, make the additions, wait until the kernel has
-        the device that receives the addresses ready, send the batch, check the host."""
+        """The plan's sends (for a takeover: create the bridge, copy the settings, make the
+        additions), a wait until the kernel has the device that takes the addresses ready to
+        send, the disruptive batch, and the check of the host against the plan."""
         plan, report = p.plan, self.report
         started = time.perf_counter()
         _require(self.send((plan.prepare,), _resolver(self.ipr)))
@@ -163,10 +165,13 @@ class Checkpoint:
             if _failures(made):
                 report.phase("prepare", started, _acked(steps, made))
                 _require(made)
-        added = [s.do for s in plan.make if isinstance(s.do, AddAddress)]
-        target = added[0].dev if added else plan.bridge
-        ipv6 = tuple(op.address.address for op in added if op.address.family == AF_INET6)
-        waited = wait_until_ready(self.ipr, target, ipv6)
+        added = [s.do for s in plan.steps if isinstance(s.do, AddAddress)]
+        ipv6 = tuple(
+            op.address.address
+            for op in added
+            if op.dev == plan.target and op.address.family == AF_INET6
+        )
+        waited = wait_until_ready(self.ipr, plan.target, ipv6)
         ready = f"ready after {waited * 1000:.2f} ms" if waited is not None else "NOT ready"
         report.phase("prepare", started, f"{plan.prepare.do}; {_acked(plan.make, made)}; {ready}")
         started = time.perf_counter()
@@ -174,14 +179,13 @@ class Checkpoint:
         report.phase("batch", started, _acked(plan.batch, result))
         boundary("batch")
         _require(result)
-        self.check(p, target)
+        self.check(p)
 
-    def check(self, p: Prepared, target: str) -> None:
+    def check(self, p: Prepared) -> None:
         started = time.perf_counter()
         plan = p.plan
         diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
-        source = plan.nic if target == plan.bridge else plan.bridge
-        diff += wrong_way(self.ipr, p.snapshot, source, target)
+        diff += wrong_way(self.ipr, p.snapshot, plan.source, plan.target)
         self.report.phase("check", started, "; ".join(diff) or "host matches the plan")
         if diff:
             raise StepFailed("host does not match the plan: " + "; ".join(diff))

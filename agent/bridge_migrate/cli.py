@@ -30,7 +30,7 @@ from .plan import RewriteFirewall
 from .preflight import check_name, check_timeout
 from .record import Store, Transaction, check_id, current_boot_id
 from .report import Output, Report
-from .transaction import ApplyRequest, apply, confirm, expire, read_plan, rollback
+from .transaction import ApplyRequest, apply, confirm, expire, read_plan, rollback, undo
 from .verify import Probe, ProbeSyntaxError, parse_probe
 
 
@@ -73,10 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("plan", "show what was read and the operations, with their inverses; change nothing"),
         ("apply", "take over: one netlink batch, verify, commit or roll back"),
         ("boot", "what the boot-time unit runs: apply, unless a restart interrupted the last one"),
+        (
+            "undo",
+            "move the host back from the bridge onto its one port, verified; no record needed",
+        ),
     ):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--nic", help="the NIC to take over (default: the default route's)")
-        sub.add_argument("--bridge", help="the bridge to create (default: br0)")
+        if name == "undo":
+            sub.add_argument("--bridge", help="the bridge to leave (default: br0)")
+            sub.add_argument(
+                "--detach",
+                action="append",
+                metavar="PORT",
+                help="another port (a guest) to release from the bridge first (repeatable)",
+            )
+        else:
+            sub.add_argument("--nic", help="the NIC to take over (default: the default route's)")
+            sub.add_argument("--bridge", help="the bridge to create (default: br0)")
         if name != "plan":
             sub.add_argument(
                 "--timeout",
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         output = sub.add_mutually_exclusive_group()
         output.add_argument("--json", action="store_true", help="print one JSON document")
-        if name == "apply":
+        if name in ("apply", "undo"):
             output.add_argument(
                 "--events", action="store_true", help="print a JSON line per event, as it happens"
             )
@@ -123,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(_output(args))
     store = Store(args.state_dir)
     try:
-        if args.command == "apply" and detach.wanted():
+        if args.command in ("apply", "undo") and detach.wanted():
             request = _request(args)  # bad input is refused here, before any unit starts
             return detach.run_as_unit(_unit_argv(args, request))
         return int(_dispatch(args, store, report))
@@ -146,6 +159,8 @@ def _dispatch(args: argparse.Namespace, store: Store, report: Report) -> ExitCod
             return _plan(_request(args), report)
         case "apply" | "boot":
             return apply(_request(args), store, report, at_boot=args.command == "boot")
+        case "undo":
+            return undo(_request(args), store, report)
         case "confirm":
             return confirm(store, report)
         case "rollback":
@@ -165,9 +180,10 @@ def _request(args: argparse.Namespace) -> ApplyRequest:
     def source(key: str, flag: str, given: object) -> str:
         return flag if given is not None else where(path, key)
 
-    nic = args.nic if args.nic is not None else config.nic
+    given_nic = getattr(args, "nic", None)  # undo has none: the bridge's port is the NIC
+    nic = given_nic if given_nic is not None else config.nic if args.command != "undo" else None
     if nic is not None:
-        check_name(source("nic", "--nic", args.nic), nic)
+        check_name(source("nic", "--nic", given_nic), nic)
     bridge = next(b for b in (args.bridge, config.bridge, "br0") if b is not None)
     check_name(source("bridge", "--bridge", args.bridge), bridge)
     timeout = _pick(getattr(args, "timeout", None), config.timeout, DEFAULT_TIMEOUT) or 0.0
@@ -176,12 +192,16 @@ def _request(args: argparse.Namespace) -> ApplyRequest:
     if confirm_within is not None:
         flag = getattr(args, "confirm_within", None)
         check_timeout(source("confirm_within", "--confirm-within", flag), confirm_within)
+    detach = tuple(getattr(args, "detach", None) or ())
+    for port in detach:
+        check_name("--detach", port)
     return ApplyRequest(
         nic=nic,
         bridge=bridge,
         timeout=timeout,
         probes=_probes(args, config, path),
         confirm_within=confirm_within,
+        detach=detach,
     )
 
 
@@ -200,9 +220,12 @@ def _probes(args: argparse.Namespace, config: Config, path: Path) -> tuple[Probe
 
 
 def _unit_argv(args: argparse.Namespace, req: ApplyRequest) -> list[str]:
-    """The same apply, spelled out, for the unit (which has none of this shell's environment)."""
-    argv = ["--state-dir", str(args.state_dir), "apply", "--bridge", req.bridge]
+    """The same command, spelled out, for the unit (which has none of this shell's
+    environment)."""
+    argv = ["--state-dir", str(args.state_dir), args.command, "--bridge", req.bridge]
     argv += ["--timeout", f"{req.timeout:g}"]
+    for port in req.detach:
+        argv += ["--detach", port]
     if req.nic:
         argv += ["--nic", req.nic]
     for probe in req.probes:

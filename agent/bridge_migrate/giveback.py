@@ -90,6 +90,8 @@ def plan_giveback(state: HostState, bridge: str, detach: tuple[str, ...] = ()) -
         tune=tuple(rest[:tuned]),
         make=tuple(rest[tuned:]),
         batch=batch,
+        direction="giveback",
+        detached=detach,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from . import netfilter
 from .model import (
@@ -217,6 +218,9 @@ class Step:
     undo: Op
 
 
+Direction = Literal["takeover", "giveback"]
+
+
 @dataclass(frozen=True)
 class Plan:
     nic: str
@@ -225,6 +229,19 @@ class Plan:
     make: tuple[Step, ...]  # harmless additions, sent as one netlink batch
     batch: tuple[Step, ...]  # every disruptive operation, sent as one netlink batch
     tune: tuple[Step, ...] = ()  # the NIC's settings copied to the bridge, right after prepare
+    # "giveback": `undo`, from the bridge back onto the NIC, releasing the `detached` ports.
+    direction: Direction = "takeover"
+    detached: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str:
+        """The device the host's identity leaves."""
+        return self.nic if self.direction == "takeover" else self.bridge
+
+    @property
+    def target(self) -> str:
+        """The device that takes it."""
+        return self.bridge if self.direction == "takeover" else self.nic
 
     @property
     def steps(self) -> tuple[Step, ...]:

@@ -34,11 +34,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from . import deadman, nslock, serde
 from .contract import Phase
 from .errors import Refused, UsageError
+from .giveback import plan_giveback
 from .model import HostState
 from .plan import Plan, plan_takeover
 from .preflight import check_name
@@ -504,12 +505,23 @@ def _implausible(tx: Transaction) -> str:
     except UsageError as e:
         return e.message
     try:
-        replanned = plan_takeover(tx.snapshot, tx.plan.bridge)
+        replanned = replan(tx.snapshot, tx.plan)
     except Exception as e:  # a crafted snapshot may trip the planner anywhere: not ours
         return f"its snapshot cannot be planned: {e!r}"
     if replanned != tx.plan:
         return "its plan is not the plan for its snapshot"
     return ""
+
+
+def replan(snapshot: HostState, plan: Plan) -> Plan:
+    """The plan this agent makes for `snapshot`, in `plan`'s direction."""
+    match plan.direction:
+        case "takeover":
+            return plan_takeover(snapshot, plan.bridge)
+        case "giveback":
+            return plan_giveback(snapshot, plan.bridge, plan.detached)
+        case _:
+            assert_never(plan.direction)
 
 
 def _device_names(tx: Transaction) -> Iterator[str]:
@@ -522,7 +534,7 @@ def _device_names(tx: Transaction) -> Iterator[str]:
     yield from (dev for dev, _ in s.addresses)
     yield from (r.dev for r in s.routes)
     yield from (n.dev for n in s.neighbours)
-    yield from (tx.plan.nic, tx.plan.bridge)
+    yield from (tx.plan.nic, tx.plan.bridge, *tx.plan.detached)
 
 
 def _running(state_dir: Path | None) -> str:

@@ -54,14 +54,31 @@ class RestoreResult:
 def restore(
     ipr: IPRoute, plan: Plan, snapshot: HostState, done: tuple[Step, ...], age: float
 ) -> RestoreResult:
-    links = {name: link.index for name, link in read_links(ipr).items()}
     undo = on_link_first([s.undo for s in reversed(done)])
-    # An inverse on a device that is gone has nothing left to undo.
-    ops = [op for op in undo if all(d in links for d in op_devices(op))]
-    result = send_batch(ops, links.__getitem__, age)
+    outcomes: list[Outcome] = []
+    seconds = 0.0
+    # A bridge that `undo` deleted comes back first, alone: the inverses after it name it.
+    for ops in _split_after_creation(undo):
+        links = {name: link.index for name, link in read_links(ipr).items()}
+        # An inverse on a device that is gone has nothing left to undo.
+        kept = [op for op in ops if all(d in links for d in op_devices(op))]
+        sent = send_batch(kept, links.__getitem__, age)
+        outcomes += sent.outcomes
+        seconds += sent.seconds
+    result = BatchResult(tuple(outcomes), seconds)
     failures = tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
     actual = read_host(ipr, plan.nic, plan.bridge)
     return RestoreResult(result, failures, differences(snapshot, actual, age))
+
+
+def _split_after_creation(ops: list[Op]) -> list[list[Op]]:
+    """The operations in runs that end with each bridge creation (its index is known after)."""
+    runs: list[list[Op]] = [[]]
+    for op in ops:
+        runs[-1].append(op)
+        if isinstance(op, CreateBridge):
+            runs.append([])
+    return [run for run in runs if run]
 
 
 def on_link_first(ops: list[Op]) -> list[Op]:

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 
@@ -19,13 +19,14 @@ from . import deadman
 from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, signal_guard
 from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .errors import Refused
+from .giveback import giveback_notes, giveback_refusals, plan_giveback, port_refusals
 from .model import HostState
 from .plan import carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .record import Locked, RecordError, Store, Transaction
 from .report import Report
 from .simulate import simulate
-from .snapshot import read_host
+from .snapshot import read_bridge_side, read_host
 from .verify import Probe, gateway_probes
 
 
@@ -36,6 +37,7 @@ class ApplyRequest:
     timeout: float
     probes: tuple[Probe, ...]
     confirm_within: float | None  # keep the change pending this long, until `confirm`
+    detach: tuple[str, ...] = ()  # undo: the bridge's other ports, released before it goes
 
 
 _EXPIRE_LOCK_WAIT = 10.0  # the dead man waits this long for a live agent to let go
@@ -57,7 +59,7 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     if problems:
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge)
-    probes = (*gateway_probes(state, req.bridge), *req.probes)
+    probes = (*gateway_probes(state, nic, req.bridge), *req.probes)
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
     report.attach("plan", plan)
@@ -73,13 +75,28 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
 
 
 def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = False) -> ExitCode:
+    """Take the host over onto the bridge."""
+    return _transact(req, store, report, read_plan, at_boot=at_boot)
+
+
+def undo(req: ApplyRequest, store: Store, report: Report) -> ExitCode:
+    """Move the host back from the bridge onto its one port, planned from the live host."""
+    return _transact(req, store, report, read_giveback, at_boot=False)
+
+
+Reader = Callable[[IPRoute, ApplyRequest, Report], Prepared | None]
+
+
+def _transact(
+    req: ApplyRequest, store: Store, report: Report, read: Reader, *, at_boot: bool
+) -> ExitCode:
     check_root()
     tx_id = uuid.uuid4().hex[:12]
     report.bind(transaction=tx_id)
     with store.lock():
         _check_previous(store, report, at_boot)
         with IPRoute() as ipr:
-            prepared = read_plan(ipr, req, report)
+            prepared = read(ipr, req, report)
             if prepared is None:
                 report.finish(ExitCode.OK, ALREADY_MIGRATED, "nothing to do")
                 return ExitCode.OK
@@ -89,12 +106,41 @@ def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = Fa
                 cp.take_over(prepared)
                 cp.verify(prepared, deadline, req.timeout)
                 if req.confirm_within is None:
-                    cp.commit(f"{plan.nic} -> {plan.bridge}, verified")
+                    cp.commit(f"{plan.source} -> {plan.target}, verified")
                 else:
                     cp.hold(req.confirm_within)
     if cp.outcome == ExitCode.OK and cp.tx.phase is Phase.CONFIRMING and cp.tx.dead_man is None:
         return _be_the_dead_man(store, report, cp.tx)
     return cp.outcome
+
+
+def read_giveback(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | None:
+    """Snapshot and plan the way back; None when there is no bridge to leave. Raises Refused."""
+    started = time.perf_counter()
+    side = read_bridge_side(ipr, req.bridge, req.detach)
+    if side.device is None:
+        return None
+    problems = port_refusals(side, req.detach)
+    nic = side.kept_port(req.detach)
+    if problems or nic is None:
+        raise Refused("; ".join(problems))
+    report.bind(nic=nic.name, bridge=req.bridge)
+    state = read_host(ipr, nic.name, req.bridge)
+    report.attach("snapshot", state)
+    report.phase("snapshot", started, f"{req.bridge} -> {nic.name}")
+    started = time.perf_counter()
+    problems = giveback_refusals(state, side, req.detach)
+    if problems:
+        raise Refused("; ".join(problems))
+    for note in giveback_notes(state):
+        report.note(note)
+    plan = plan_giveback(state, req.bridge, req.detach)
+    probes = (*gateway_probes(state, req.bridge, nic.name), *req.probes)
+    if not probes:
+        raise Refused(f"nothing to verify: {req.bridge} has no default route via a gateway")
+    report.attach("plan", plan)
+    report.phase("plan", started, f"{len(plan.steps)} operations, {len(plan.batch)} in one batch")
+    return Prepared(state, plan, simulate(state, [s.do for s in plan.steps]), probes)
 
 
 def rollback(store: Store, report: Report) -> ExitCode:

@@ -100,17 +100,18 @@ def _parse_address(value: str, what: str, text: str) -> str:
     return str(address)
 
 
-def gateway_probes(state: HostState, bridge: str) -> tuple[Probe, ...]:
-    """One probe per family that has a default route via a gateway in the main table."""
+def gateway_probes(state: HostState, source: str, target: str) -> tuple[Probe, ...]:
+    """One probe per family that has a default route via a gateway in the main table on
+    `source`, asked on `target` from an address `source` has now."""
     probes = []
     for family in (AF_INET, AF_INET6):
-        route = _best_default(state.routes_on(state.nic.name), family)
+        route = _best_default(state.routes_on(source), family)
         if route is None or route.gateway is None:
             continue
-        source = _source_for(route.gateway, state.addresses_on(state.nic.name), family)
-        if source is not None:
+        address = _source_for(route.gateway, state.addresses_on(source), family)
+        if address is not None:
             kind: ProbeKind = "arp" if family == AF_INET else "icmp"
-            probes.append(Probe(kind, route.gateway, source=source, dev=bridge))
+            probes.append(Probe(kind, route.gateway, source=address, dev=target))
     return tuple(probes)
 
 
