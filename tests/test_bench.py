@@ -14,7 +14,7 @@ from netlab.bench import interleave
 
 pytestmark = pytest.mark.root
 
-SMOKE_LIMIT_S = 40.0
+SMOKE_LIMIT_S = 60.0  # measured 25-41 s, the upper end with other suites on both cores
 
 
 def test_interleave_spreads_each_contender_over_the_rounds() -> None:

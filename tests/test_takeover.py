@@ -190,14 +190,15 @@ def test_one_transaction_per_network_namespace_whatever_the_state_dir(
 ) -> None:
     before = read_view(lab.host_ns)
     lab.kill_gateway("addr")
-    first = agent.popen("apply", "--timeout", "3")
+    first = agent.popen("apply", "--timeout", "60")
     _wait_for_phase(agent.state_dir, "verifying", first)
     other = Agent(lab, tmp_path / "other-state")
-    for command in (("apply",), ("rollback",)):
+    for command in (("apply",), ("undo",), ("rollback",)):
         second = other(*command)
         assert second.code == 3, second.stdout + second.stderr
         assert "is changing this network namespace: transaction" in second.stderr
         assert str(agent.state_dir) in second.stderr
+    first.send_signal(signal.SIGTERM)  # it rolls back at once
     out, err = first.communicate(timeout=30)
     assert first.returncode == 4, out + err
     assert_unchanged(before, read_view(lab.host_ns))
