@@ -167,6 +167,7 @@ def test_upper_device_is_refused_by_name(lab: Lab, agent: Agent, kind: str) -> N
     assert_unchanged(before, read_view(lab.host_ns))
     plan = agent("plan", "--json")
     assert plan.code == 3 and f"{kind} up0" in plan.json()["message"]
+    assert any(f"{kind} up0 is stacked on eth0" in b for b in plan.json()["blockers"])
 
 
 def test_routes_through_nexthop_objects_are_refused(lab: Lab, agent: Agent) -> None:

@@ -56,14 +56,15 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
         return None
     started = time.perf_counter()
     problems = refusals(state, req.bridge)
+    report.attach("carried", carried_counts(state))
     if problems:
+        report.attach("blockers", problems)
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge)
     probes = (*gateway_probes(state, nic, req.bridge), *req.probes)
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
     report.attach("plan", plan)
-    report.attach("carried", carried_counts(state))
     report.phase(
         "plan",
         started,
