@@ -20,6 +20,7 @@ SCRIPTS = [
 # needs the systemd headers, a Debian package).
 RUNTIME = ["pyroute2>=0.9.7,<0.10", "tenacity>=9.2,<10"]
 PURE = [
+    "tests/test_manpages.py",
     "tests/test_plan.py",
     "tests/test_giveback_plan.py",
     "tests/test_netfilter_plan.py",

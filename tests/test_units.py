@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def install(tmp_path: Path) -> Path:
             str(units),
             "--config-dir",
             str(tmp_path / "etc"),
+            "--man-dir",
+            str(tmp_path / "man"),
         ],
         check=True,
         capture_output=True,
@@ -41,13 +44,20 @@ def test_installed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     for unit in units.iterdir():
         text = unit.read_text()
         assert f"ExecStart={AGENT} " in text and "@BIN@" not in text
+    # Where man-db is installed, verify looks up Documentation=man:...: the installed pages.
+    env = {**os.environ, "MANPATH": str(tmp_path / "man")}
     done = subprocess.run(
         ["systemd-analyze", "verify", *map(str, units.iterdir())],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert {p.name for p in (tmp_path / "man").glob("man*/*")} == {
+        "bridge-migrate.8",
+        "bridge-migrate.toml.5",
+    }
 
 
 def test_boot_unit_runs_before_the_network_is_online(tmp_path: Path) -> None:

@@ -31,6 +31,22 @@ class Config:
     confirm_within: float | None = None
 
 
+# What each key means, for bridge-migrate.toml(5): the type as the manual names it, the text.
+KEYS: dict[str, tuple[str, str]] = {
+    "nic": ("string", "the NIC to take over; default: the device of the default route"),
+    "bridge": ("string", "the bridge to create, and the one undo leaves; default br0"),
+    "timeout": (
+        "number",
+        "seconds (more than 0, at most 3600; default 10) for every probe to answer, counted "
+        "from the batch; otherwise the host is rolled back",
+    ),
+    "probes": ("array of strings", "also require icmp:ADDR or tcp:ADDR:PORT to answer"),
+    "confirm_within": (
+        "number",
+        "after verifying, keep the change pending this many seconds: bridge-migrate confirm "
+        "commits it, else the dead man rolls it back",
+    ),
+}
 _KINDS: dict[str, type | tuple[type, ...]] = {
     "nic": str,
     "bridge": str,
