@@ -63,10 +63,15 @@ def default_route_device(ipr: IPRoute, links: dict[str, Link]) -> str | None:
 RTA_NH_ID = 30  # pyroute2 0.9.7 decodes it as an unknown attribute: read it by number
 # Devices stacked on a NIC that cannot follow it into a bridge: enslaving fails (EBUSY) for the
 # ones with an rx handler (macvlan, macvtap, ipvlan), and a VLAN stops receiving.
+_ON_BRIDGE = (
+    "recreate it with the bridge as its parent (Docker: `docker network create -d macvlan -o "
+    "parent=BRIDGE ...`), or give the guest a port on the bridge (`bridge-migrate attach`)"
+)
 _UPPER_FIX = {
-    "macvlan": "recreate it with the bridge as its parent (Docker: `docker network create -d "
-    "macvlan -o parent=BRIDGE ...`), or give the guest a port on the bridge "
-    "(`bridge-migrate attach`)",
+    "macvlan": _ON_BRIDGE,
+    "macvtap": _ON_BRIDGE,
+    "ipvlan": _ON_BRIDGE,
+    "ipvtap": _ON_BRIDGE,
     "vlan": "move it onto the bridge (`ip link add link BRIDGE name NAME type vlan id ID`) or "
     "enable vlan_filtering on the bridge, by hand",
 }
@@ -206,7 +211,7 @@ def _uppers(msgs: list[Msg], nic: Link) -> list[str]:
         if m.get("IFLA_LINK_NETNSID") is not None:
             continue  # a peer in another namespace (veth): not stacked on the NIC
         kind = m.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) or "device"
-        fix = _UPPER_FIX.get(kind.replace("tap", "vlan").replace("ipvlan", "macvlan"), "")
+        fix = _UPPER_FIX.get(kind, "")
         found.append(
             f"{kind} {m.get('IFLA_IFNAME')} is stacked on {nic.name} and cannot follow it "
             f"into a bridge: {fix or 'remove it, or move it onto the bridge, by hand'}"
