@@ -7,7 +7,7 @@ from __future__ import annotations
 import nox
 
 nox.options.sessions = ["lint", "types", "unit"]
-PYTHON = ["agent", "tests", "ansible", "noxfile.py"]
+PYTHON = ["agent", "testlab", "tests", "ansible", "noxfile.py"]
 SCRIPTS = [
     "scripts/bench",
     "scripts/bootstrap",

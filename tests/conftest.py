@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from netlab import Lab
+from bridge_migrate_testlab import Lab
 
 AGENT_TIMEOUT = 60.0  # bounds every agent run; the longest test deadline is a few seconds
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
+from bridge_migrate_testlab.sshlab import ClientHost, SshKeys, drop_new_ssh, proxy_command
+from bridge_migrate_testlab.sshlab import write_client_config as write_ssh_config
 from hostview import assert_unchanged
-from netlab.sshlab import ClientHost, SshKeys, drop_new_ssh, proxy_command
-from netlab.sshlab import write_client_config as write_ssh_config
 from test_remote import (  # noqa: F401
     SshHost,
     assert_migrated,

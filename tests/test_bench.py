@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab.bench import interleave
+from bridge_migrate_testlab.bench import interleave
 
 pytestmark = pytest.mark.root
 
@@ -24,7 +24,7 @@ def test_interleave_spreads_each_contender_over_the_rounds() -> None:
 
 
 def test_a_tiny_bench_prints_the_table_in_time(tmp_path: Path) -> None:
-    argv = [sys.executable, "-m", "netlab.bench", "--runs", "1", "--no-scale"]
+    argv = [sys.executable, "-m", "bridge_migrate_testlab.bench", "--runs", "1", "--no-scale"]
     argv += ["--rollback-runs", "1", "--cold-runs", "1", "--tail-ms", "300"]
     argv += ["--docs", str(tmp_path)]
     started = time.monotonic()

@@ -23,9 +23,9 @@ from bridge_migrate import serde
 from bridge_migrate.model import AF_INET6, Address, HostState, Route, Rule
 from bridge_migrate.plan import Plan
 from bridge_migrate.simulate import simulate
+from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import HostView, assert_unchanged, read_view
-from netlab import Lab
 
 pytestmark = pytest.mark.root
 

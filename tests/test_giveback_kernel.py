@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import HostView, assert_unchanged, read_view
-from netlab import Lab
 from test_fidelity import FIREWALL
 
 pytestmark = pytest.mark.root

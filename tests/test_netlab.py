@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from netlab import Lab, MeterResult
+from bridge_migrate_testlab import Lab, MeterResult
 
 pytestmark = [
     pytest.mark.root,
@@ -171,7 +171,15 @@ def test_meter_reports_late_replies_apart(lab: Lab) -> None:
 
 
 def test_meter_cli_prints_one_json_document(lab: Lab) -> None:
-    argv = [sys.executable, "-m", "netlab.meter", "--duration", "0.2", "--interval-ms", "5"]
+    argv = [
+        sys.executable,
+        "-m",
+        "bridge_migrate_testlab.meter",
+        "--duration",
+        "0.2",
+        "--interval-ms",
+        "5",
+    ]
     done = lab.run(lab.host_ns, [*argv, lab.addrs.gw_v4, lab.addrs.gw_v6], timeout=10)
     assert done.returncode == 0, done.stderr
     assert done.stderr == "ready\n"  # no runpy warning, nothing else

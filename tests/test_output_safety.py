@@ -6,9 +6,9 @@ import pytest
 
 from bridge_migrate.events import printable
 from bridge_migrate.verify import ProbeSyntaxError, parse_probe
+from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import assert_unchanged, read_view
-from netlab import Lab
 
 
 def test_control_characters_are_shown_escaped() -> None:

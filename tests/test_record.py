@@ -31,9 +31,9 @@ from bridge_migrate.record import (
     Transaction,
     process_start,
 )
+from bridge_migrate_testlab import Lab
 from conftest import Agent, Run
 from hostview import read_view
-from netlab import Lab
 from test_systemd import AGENT, SLACK, STATE, Host
 from test_takeover import assert_unchanged
 

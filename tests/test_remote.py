@@ -28,10 +28,10 @@ import pytest
 
 from bridge_migrate.contract import ExitCode
 from bridge_migrate.record import Store, Transaction
+from bridge_migrate_testlab.sshlab import ClientHost, SshKeys, drop_new_ssh, ssh_spec, tree_digest
+from bridge_migrate_testlab.sshlab import write_client_config as write_ssh_config
+from bridge_migrate_testlab.systemd import Bind, BootedLab, BootSpec
 from hostview import HostView, assert_unchanged, read_view
-from netlab.sshlab import ClientHost, SshKeys, drop_new_ssh, ssh_spec, tree_digest
-from netlab.sshlab import write_client_config as write_ssh_config
-from netlab.systemd import Bind, BootedLab, BootSpec
 
 pytestmark = pytest.mark.root
 

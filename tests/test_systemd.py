@@ -1,5 +1,6 @@
-"""bridge-migrate under a real systemd as PID 1 (netlab.systemd), with the lab's NIC: the units,
-the dead man, commit-confirmed, a terminal hang-up, and the boot-time unit across reboots."""
+"""bridge-migrate under a real systemd as PID 1 (bridge_migrate_testlab.systemd), with the lab's
+NIC: the units, the dead man, commit-confirmed, a terminal hang-up, and the boot-time unit
+across reboots."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import pytest
 from bridge_migrate.contract import GRACE
 from bridge_migrate.failpoints import KILL_AT_ENV
 from bridge_migrate.record import Store, Transaction
+from bridge_migrate_testlab.systemd import Bind, BootedLab, BootSpec
 from hostview import HostView, assert_unchanged, read_view
-from netlab.systemd import Bind, BootedLab, BootSpec
 
 pytestmark = pytest.mark.root
 

@@ -1,4 +1,5 @@
-"""Tests for netlab.systemd: a real systemd as PID 1 in namespaces, as the lab's host. Root only."""
+"""Tests for bridge_migrate_testlab.systemd: a real systemd as PID 1 in namespaces, as the lab's
+host. Root only."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from netlab.systemd import Bind, BootedHost, BootedLab, BootSpec, UnitFailure, cgroup_base
+from bridge_migrate_testlab.systemd import (
+    Bind,
+    BootedHost,
+    BootedLab,
+    BootSpec,
+    UnitFailure,
+    cgroup_base,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -21,7 +29,7 @@ pytestmark = [
 
 VENV_BIN = Path(sys.executable).parent
 # What a lab boot runs on this machine (Debian 12, systemd 252): anything new needs a look
-# (does it touch the machine?) and then either a mask in netlab.systemd or a place here.
+# (does it touch the machine?) and then either a mask in the lab's systemd.py or a place here.
 EXPECTED_SERVICES = {
     "systemd-journald.service",
     "systemd-journal-flush.service",

@@ -13,9 +13,9 @@ import pytest
 from pyroute2 import IPRoute
 
 from bridge_migrate.record import RECORD, Store
+from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import assert_unchanged, read_view
-from netlab import Lab
 
 pytestmark = pytest.mark.root
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import HostView, assert_unchanged, read_view
-from netlab import Lab
 
 pytestmark = pytest.mark.root
 

@@ -32,6 +32,7 @@ from .model import (
     IFA_F_SETTABLE,
     IFF_UP,
     NTF_PROXY,
+    RTNH_F_ONLINK,
     Address,
     Route,
     Rule,
@@ -56,7 +57,6 @@ from .plan import (
 )
 from .sysctl import IPV4_DEVCONF, by_netlink
 
-RTNH_F_ONLINK = 0x4
 RT_TABLE_COMPAT = 252
 RTA_EXPIRES = 23
 IFLA_AF_SPEC = 26

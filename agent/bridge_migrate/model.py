@@ -35,6 +35,7 @@ RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
 RTPROT_KERNEL = 2
 RTN_UNICAST = 1
+RTNH_F_ONLINK = 0x4  # the one route flag a request sets; the others report link state
 KERNEL_METRIC: dict[int, int] = {
     AF_INET: 0,
     AF_INET6: 256,
@@ -124,7 +125,7 @@ class Route:
     type: int
     tos: int
     prefsrc: str | None
-    flags: int  # RTNH_F_ONLINK and friends
+    flags: int  # RTNH_F_ONLINK: what was configured (not linkdown/dead, which follow the carrier)
     metrics: tuple[tuple[str, int], ...]  # RTAX_* name and value, e.g. ("RTAX_MTU", 1400)
     pref: int | None  # IPv6 router preference
     via: str | None = None  # RTA_VIA: a gateway of the other family (IPv4 via inet6 ...)

@@ -1,5 +1,6 @@
-"""A TCP relay for ssh's ProxyCommand: `python -m netlab.relay HOST PORT` connects to HOST:PORT
-and copies stdin to the connection and the connection to stdout until both sides are done.
+"""A TCP relay for ssh's ProxyCommand: `python -m bridge_migrate_testlab.relay HOST PORT`
+connects to HOST:PORT and copies stdin to the connection and the connection to stdout until
+both sides are done.
 
 Run under `nsenter --net=/run/netns/NS`, it lets an ssh client on the machine reach a lab host
 through that lab's namespace (each new ssh process: a new TCP connection), without netcat.
@@ -21,7 +22,7 @@ def relay(host: str, port: int) -> int:
     try:
         sock = socket.create_connection((host, port), timeout=_CONNECT_TIMEOUT)
     except OSError as e:
-        print(f"netlab.relay: {host}:{port}: {e}", file=sys.stderr)
+        print(f"bridge_migrate_testlab.relay: {host}:{port}: {e}", file=sys.stderr)
         return 1
     sock.settimeout(None)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
@@ -59,7 +60,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or not args[1].isdigit():
-        print("usage: python -m netlab.relay HOST PORT", file=sys.stderr)
+        print("usage: python -m bridge_migrate_testlab.relay HOST PORT", file=sys.stderr)
         return 2
     return relay(args[0], int(args[1]))
 

@@ -1,5 +1,5 @@
 """The bench's use of a lab: the lab shapes, the three probe meters, putting the host back
-between runs, and killing and reviving the gateway. Wraps netlab.Lab without changing it."""
+between runs, and killing and reviving the gateway. Wraps the Lab without changing it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from netlab.lab import Lab, MeterHandle
-from netlab.results import MeterResult
+from bridge_migrate_testlab.lab import Lab, MeterHandle
+from bridge_migrate_testlab.results import MeterResult
 
 SETTLE_FRESH_S = 2.5  # FACTS.md: a fresh lab's IPv6 is not ready for 2-3 s
 RESTORE_TRIES = 3
@@ -30,8 +30,8 @@ class Shape:
     """The host NIC's extra load on top of the lab's standard identity."""
 
     name: str
-    addresses: int = 0  # extra /32 addresses (netlab.Lab.add_host_addresses)
-    routes: int = 0  # extra /32 routes via router2 (netlab.Lab.add_host_routes)
+    addresses: int = 0  # extra /32 addresses (bridge_migrate_testlab.Lab.add_host_addresses)
+    routes: int = 0  # extra /32 routes via router2 (bridge_migrate_testlab.Lab.add_host_routes)
 
 
 BASE = Shape("base")

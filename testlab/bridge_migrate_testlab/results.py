@@ -1,7 +1,7 @@
 """Results of the outage meter, shared by the meter process and its callers.
 
-Kept apart from `netlab.meter` so that `python -m netlab.meter` does not import the module it is
-about to run (runpy warns about that) when `netlab/__init__.py` re-exports these types.
+Kept apart from meter.py so that `python -m bridge_migrate_testlab.meter` does not import the
+module it is about to run (runpy warns about that) when the package re-exports these types.
 """
 
 from __future__ import annotations

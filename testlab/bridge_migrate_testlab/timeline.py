@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from netlab.benchlab import STREAMS
-from netlab.benchstats import RunRecord, present
-from netlab.contenders import lookup
+from bridge_migrate_testlab.benchlab import STREAMS
+from bridge_migrate_testlab.benchstats import RunRecord, present
+from bridge_migrate_testlab.contenders import lookup
 
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 

@@ -1,5 +1,6 @@
 """The benchmark's two step-by-step contenders, run inside the lab's host namespace as
-`python -m netlab.stepwise {recipe|unbatched} [--timeout S]`; prints one JSON document.
+`python -m bridge_migrate_testlab.stepwise {recipe|unbatched} [--timeout S]`; prints one JSON
+document.
 
 recipe:    the classic commands, one `ip` process each, extended to this host's whole identity
            (every address and configured route), in the classic order: addresses onto the
@@ -387,7 +388,9 @@ def _drain(sock: socket.socket) -> list[bytes]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m netlab.stepwise", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m bridge_migrate_testlab.stepwise", description=__doc__
+    )
     p.add_argument("contender", choices=("recipe", "unbatched"))
     p.add_argument("--nic", default="eth0")
     p.add_argument("--bridge", default="br0")

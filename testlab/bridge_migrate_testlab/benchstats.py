@@ -7,9 +7,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from netlab.benchlab import STREAM_HELP, STREAMS
-from netlab.contenders import KNOWN, Attempt, lookup
-from netlab.results import MeterResult
+from bridge_migrate_testlab.benchlab import STREAM_HELP, STREAMS
+from bridge_migrate_testlab.contenders import KNOWN, Attempt, lookup
+from bridge_migrate_testlab.results import MeterResult
 
 GAP_BAR_MS = 10.0
 OUTAGE_MS = 100.0  # "a gap above 100 ms": the ~1 s hazard and anything like it

@@ -28,12 +28,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
-from netlab import benchdoc
-from netlab.benchlab import BASE, SCALE_SHAPES, BenchLab, Shape
-from netlab.benchstats import RunRecord, run_record
-from netlab.contenders import CANDIDATE, CONTENDERS, Attempt, Contender
-from netlab.lab import Lab
-from netlab.timeline import draw
+from bridge_migrate_testlab import benchdoc
+from bridge_migrate_testlab.benchlab import BASE, SCALE_SHAPES, BenchLab, Shape
+from bridge_migrate_testlab.benchstats import RunRecord, run_record
+from bridge_migrate_testlab.contenders import CANDIDATE, CONTENDERS, Attempt, Contender
+from bridge_migrate_testlab.lab import Lab
+from bridge_migrate_testlab.timeline import draw
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 MAX_RUNS = 1000  # per contender: bounds every loop
@@ -236,7 +236,7 @@ class Bench:
         return times
 
     def _recipe_commands(self, lab: Lab) -> tuple[str, ...]:
-        argv = [sys.executable, "-m", "netlab.stepwise", "recipe", "--print"]
+        argv = [sys.executable, "-m", "bridge_migrate_testlab.stepwise", "recipe", "--print"]
         done = lab.run(lab.host_ns, argv, timeout=60)
         return tuple(done.stdout.splitlines())
 

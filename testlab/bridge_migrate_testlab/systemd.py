@@ -45,7 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from netlab.lab import Lab
+from bridge_migrate_testlab.lab import Lab
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -199,7 +199,7 @@ def _machine_enabled() -> list[str]:
 def _tool(name: str) -> str:
     path = shutil.which(name, path=os.pathsep.join([INSIDE_PATH, os.environ.get("PATH", "")]))
     if path is None:
-        raise FileNotFoundError(f"{name} not found (needed by netlab.systemd)")
+        raise FileNotFoundError(f"{name} not found (needed by bridge_migrate_testlab.systemd)")
     return path
 
 

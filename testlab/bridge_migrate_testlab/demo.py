@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from netlab.lab import Lab, MeterHandle
-from netlab.results import MeterResult
+from bridge_migrate_testlab.lab import Lab, MeterHandle
+from bridge_migrate_testlab.results import MeterResult
 
 DEAD_GATEWAY_TIMEOUT = 3
 

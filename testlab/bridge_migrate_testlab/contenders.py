@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netlab.lab import Lab
+from bridge_migrate_testlab.lab import Lab
 
 RUN_TIMEOUT_S = 120.0  # bounds one contender run (1000 routes as separate `ip` processes: ~10 s)
 _ACKED = re.compile(r"(\d+)/(\d+) acknowledged in ([\d.]+) ms")
@@ -37,7 +37,7 @@ class Attempt:
 class Contender:
     key: str
     label: str
-    kind: str  # "agent" (bridge-migrate apply), "recipe" or "unbatched" (netlab.stepwise)
+    kind: str  # "agent" (bridge-migrate apply), "recipe" or "unbatched" (stepwise.py)
     baseline: bool = False  # the others are compared with this one
     pythonpath: str | None = None  # run the agent from this checkout's agent/ instead
 
@@ -45,7 +45,14 @@ class Contender:
         if self.kind == "agent":
             cli = [sys.executable, "-m", "bridge_migrate", "--state-dir", str(state_dir)]
             return [*cli, "apply", "--json", "--timeout", f"{timeout:g}"]
-        return [sys.executable, "-m", "netlab.stepwise", self.kind, "--timeout", f"{timeout:g}"]
+        return [
+            sys.executable,
+            "-m",
+            "bridge_migrate_testlab.stepwise",
+            self.kind,
+            "--timeout",
+            f"{timeout:g}",
+        ]
 
     def run(self, lab: Lab, state_dir: Path, timeout: float) -> Attempt:
         started, t0 = time.time(), time.perf_counter()

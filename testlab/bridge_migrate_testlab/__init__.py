@@ -1,7 +1,7 @@
 """Network-namespace lab and outage meter for testing and demonstrating bridge-migrate."""
 
-from netlab.lab import Lab, LabAddresses, MeterHandle
-from netlab.results import LateProbe, LostProbe, MeterResult, StreamResult
+from bridge_migrate_testlab.lab import Lab, LabAddresses, MeterHandle
+from bridge_migrate_testlab.results import LateProbe, LostProbe, MeterResult, StreamResult
 
 __all__ = [
     "Lab",

@@ -1,9 +1,10 @@
-"""ICMP echo outage meter, run inside a lab namespace as `python -m netlab.meter TARGET...`.
+"""ICMP echo outage meter, run inside a lab namespace as
+`python -m bridge_migrate_testlab.meter TARGET...`.
 
 One process, one raw socket per address family, one select loop. Probe k of every target is due
 at start + k * interval, so the schedule never drifts. Stops on SIGTERM/SIGINT, after --duration,
 or (with --until-reply) once every target answered; then waits up to --late-ms for replies still
-in flight and prints one JSON document (netlab.results.MeterResult) on stdout. "ready" on stderr
+in flight and prints one JSON document (results.MeterResult) on stdout. "ready" on stderr
 means the sockets are open and probing starts now.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
-from netlab.results import LateProbe, LostProbe, MeterResult, StreamResult
+from bridge_migrate_testlab.results import LateProbe, LostProbe, MeterResult, StreamResult
 
 MAX_DURATION_S = 600.0  # hard cap: a forgotten meter must end by itself
 MAX_TARGETS = 64
@@ -297,7 +298,7 @@ class Meter:
 
 
 def _parse(argv: Sequence[str]) -> MeterConfig:
-    p = argparse.ArgumentParser(prog="python -m netlab.meter", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bridge_migrate_testlab.meter", description=__doc__)
     p.add_argument("targets", nargs="+", metavar="TARGET", help="IPv4 or IPv6 address")
     p.add_argument("--interval-ms", type=float, default=1.0)
     p.add_argument("--late-ms", type=float, default=100.0)

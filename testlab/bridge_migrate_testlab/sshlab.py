@@ -27,12 +27,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netlab.lab import Lab
-from netlab.systemd import Bind, BootSpec
+from bridge_migrate_testlab.lab import Lab
+from bridge_migrate_testlab.systemd import Bind, BootSpec
 
 SSHD_UNIT = "ssh.service"
 HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
-SSHD_DROP_IN = "/etc/ssh/sshd_config.d/netlab.conf"
+SSHD_DROP_IN = "/etc/ssh/sshd_config.d/bridge_migrate_testlab.conf"
 SSHD_CONFIG = f"""\
 # netlab: a throwaway sshd inside a lab host; keys only, this host key only.
 HostKey {HOST_KEY}
@@ -77,7 +77,7 @@ class SshKeys:
         authorized = root_ssh / "authorized_keys"
         authorized.write_text(client.with_suffix(".pub").read_text())
         authorized.chmod(0o600)
-        sshd_config = directory / "sshd-netlab.conf"
+        sshd_config = directory / "sshd-bridge_migrate_testlab.conf"
         sshd_config.write_text(SSHD_CONFIG)
         return cls(directory, client, host, root_ssh, sshd_config)
 
@@ -113,7 +113,7 @@ def proxy_command(lab: Lab, ns: str, address: str, port: int = 22) -> str:
     if ns not in lab.namespaces:
         raise ValueError(f"{ns!r} is not a namespace of this lab")
     argv = [_tool("nsenter"), f"--net={lab.netns_path(ns)}", "--"]
-    argv += [sys.executable, "-m", "netlab.relay", address, str(port)]
+    argv += [sys.executable, "-m", "bridge_migrate_testlab.relay", address, str(port)]
     return shlex.join(argv)
 
 

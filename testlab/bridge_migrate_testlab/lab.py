@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from netlab.results import MeterResult
+from bridge_migrate_testlab.results import MeterResult
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ _V4_KERNEL_DEFAULTS: dict[str, str | int] = {
         "accept_redirects": 1,
     }.items()
 }
+METER = "bridge_migrate_testlab.meter"
 _KILL_ROUNDS = 10  # processes may fork while we kill them
 
 
@@ -94,7 +95,7 @@ def _random_mac() -> str:
 
 
 class MeterHandle:
-    """A running `netlab.meter` process; stop() ends it and returns its result."""
+    """A running `bridge_migrate_testlab.meter` process; stop() ends it and returns its result."""
 
     def __init__(self, proc: subprocess.Popen[str], ready_timeout: float) -> None:
         self._proc = proc
@@ -150,8 +151,8 @@ class Lab:
         """host_sysctls: set in the host namespace once eth0 exists, before it gets addresses
         (e.g. {"net.ipv4.conf.eth0.promote_secondaries": 1} to try the systemd default).
         host_pid: use that process's network namespace as the host (`ip netns attach`), e.g.
-        a netlab.systemd.BootedHost's PID 1; the lab never kills processes there, and on close
-        only detaches the name. See plug_host/unplug_host for reboots."""
+        a systemd.BootedHost's PID 1; the lab never kills processes there, and on close only
+        detaches the name. See plug_host/unplug_host for reboots."""
         prefix = prefix if prefix is not None else "bm" + secrets.token_hex(3)
         if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(f"bad lab prefix {prefix!r}")
@@ -312,7 +313,13 @@ class Lab:
         duration_s: float | None = None,
         ready_timeout: float = 5.0,
     ) -> MeterHandle:
-        argv = [sys.executable, "-m", "netlab.meter", "--interval-ms", str(interval_ms)]
+        argv = [
+            sys.executable,
+            "-m",
+            METER,
+            "--interval-ms",
+            str(interval_ms),
+        ]
         argv += ["--late-ms", str(late_ms)]
         if duration_s is not None:
             argv += ["--duration", str(duration_s)]
@@ -323,7 +330,14 @@ class Lab:
 
     def wait_reachable(self, ns: str, targets: Sequence[str], timeout: float = 5.0) -> MeterResult:
         """Ping every target from ns until each answered once; TimeoutError after `timeout` s."""
-        argv = [sys.executable, "-m", "netlab.meter", "--until-reply", "--interval-ms", "10"]
+        argv = [
+            sys.executable,
+            "-m",
+            METER,
+            "--until-reply",
+            "--interval-ms",
+            "10",
+        ]
         argv += ["--late-ms", str(timeout * 1000), "--duration", str(timeout), "--", *targets]
         done = self.run(ns, argv, timeout=timeout + 10)
         if done.returncode not in (0, 1) or not done.stdout.strip():
@@ -373,7 +387,7 @@ class Lab:
         self._created.append(ns)
         self._attached.add(ns)
 
-    # -- a host that reboots (netlab.systemd) -----------------------------------------------
+    # -- a host that reboots (systemd.py) ----------------------------------------------------
 
     def unplug_host(self) -> None:
         """Pull the host's cable and forget its namespace: the veth pair goes (the LAN sees the
