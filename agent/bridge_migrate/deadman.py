@@ -4,7 +4,7 @@ session dies. Success disarms it.
 
 The timer is systemd's, not ours: it outlives any process of ours. Its AccuracySec is set tight
 (the default is one minute). The rollback it starts joins the network namespace the transaction
-changed.
+changed, in the dead man's sandbox (sandbox.DEAD_MAN).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import sandbox
 
 ACCURACY = "10ms"
 GRACE = 2.0  # seconds after the deadline: the agent's own rollback normally comes first
@@ -70,6 +72,7 @@ def arm(where: Where, tx_id: str, label: str, seconds: float, state_dir: Path) -
         f"--on-active={round(seconds * 1000)}ms",
         f"--timer-property=AccuracySec={ACCURACY}",
         "--property=Type=oneshot",
+        *sandbox.run_properties(sandbox.DEAD_MAN, state_dir),
     ]
     if where.netns_path:
         argv.append(f"--property=NetworkNamespacePath={where.netns_path}")
