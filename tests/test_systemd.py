@@ -406,14 +406,20 @@ def test_every_unit_is_sandboxed_within_its_exposure_target(host: Host) -> None:
 
 
 def test_a_hung_agent_is_killed_and_rolled_back_by_the_sandboxed_dead_man(host: Host) -> None:
+    # The rollback restores the firewall too: libnftables under the dead man's sandbox.
+    lab = host.booted.lab
+    firewall = "table inet host { chain input { type filter hook input priority 0;\n"
+    firewall += '  iifname "eth0" accept\n }\n}\n'
+    lab.run(lab.host_ns, ["nft", "-f", "-"], input=firewall).check_returncode()
     before = host.view()
-    peer = host.booted.lab.addrs.peer_v4  # no listener: verification waits out the timeout
+    peer = lab.addrs.peer_v4  # no listener: verification waits out the timeout
     agent = host.booted.host.popen(
         [AGENT, "apply", "--timeout", str(TIMEOUT), "--probe", f"tcp:{peer}:7"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     host.wait_phase({"verifying"}, 10)
+    assert '"br0"' in host.view().ruleset  # rewritten: the dead man has it to restore
     pid = host.record()["pid"]  # type: ignore[index]
     host.booted.host.run(["kill", "-STOP", str(pid)], check=True)  # hangs, holding the lock
     stopped = time.monotonic()
