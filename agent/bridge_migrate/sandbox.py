@@ -1,7 +1,7 @@
 """The sandbox of every unit bridge-migrate runs in: the installed units (units/*.service) and the
 transient ones the agent starts itself (the dead man's service, the apply detached from a
-terminal, the remote driver's apply). One list, imported everywhere; tests/test_units.py holds
-the installed units to it, so that they cannot drift apart.
+terminal); a remote driver that starts an apply unit takes APPLY from here too. One list;
+tests/test_units.py holds the installed units to it, so that they cannot drift apart.
 
 What stays open is what the agent uses: netlink with CAP_NET_ADMIN (links, addresses, routes,
 and nftables through libnftables in process); for the apply's probes CAP_NET_RAW with packet,
