@@ -32,8 +32,8 @@ HARDENING: tuple[str, ...] = (
     "ProtectControlGroups=yes",
     "ProtectClock=yes",
     "ProtectHostname=yes",
-    # Hides processes of other users. The agents (and the hung one a dead man kills after
-    # reading its start time in /proc/PID/stat) are root's, whose group owns this /proc.
+    # hidepid=invisible hides nothing from members of /proc's group (gid 0), and the agent is
+    # root: the dead man still reads a hung agent's start time in /proc/PID/stat.
     "ProtectProc=invisible",
     "RestrictNamespaces=yes",
     "RestrictRealtime=yes",
