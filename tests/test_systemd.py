@@ -445,6 +445,7 @@ def test_a_sandboxed_unit_in_a_named_namespace_arms_its_dead_man_there(host: Hos
             "--wait",
             "--pipe",
             "--quiet",
+            "--unit=bridge-migrate-test-locate",  # the checkout drop-in's prefix
             "--property=NetworkNamespacePath=/run/netns/other",
             *sandbox.run_properties(sandbox.APPLY, Path(STATE)),
             "--",
