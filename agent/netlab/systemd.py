@@ -61,6 +61,7 @@ _CMD_TIMEOUT = 30.0
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
 _UNIT_RE = re.compile(r"[A-Za-z0-9:_.@\\-]+(\.d/[A-Za-z0-9:_.@\\-]+\.conf)?")
+_BOOT_ID = "run/netlab-boot-id"  # under the boot's root
 _EXPOSURE_RE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d)")
 
 # Masked in every boot: each one acts on the machine rather than on the boot's namespaces.
@@ -252,7 +253,15 @@ def _write_seed(seed: Path, spec: BootSpec) -> None:
     (etc / "machine-id").write_text(spec.effective_machine_id() + "\n")
     # Every boot of a kernel shares its boot ID: give each lab boot its own, as nspawn does,
     # so that a persistent journal tells the boots apart (journalctl --list-boots).
-    (seed / "boot_id").write_text(str(uuid.uuid4()) + "\n")
+    boot_id = str(uuid.uuid4()) + "\n"
+    (seed / "boot_id").write_text(boot_id)
+    # A service with ProtectKernelTunables=, ProtectControlGroups= or ProtectProc= gets a /proc
+    # of its own, without the bind mount above: bind the boot's ID into every service too.
+    (seed / "root" / _BOOT_ID).write_text(boot_id)
+    (units / "service.d").mkdir(exist_ok=True)
+    (units / "service.d/netlab-boot-id.conf").write_text(
+        f"[Service]\nBindReadOnlyPaths=/{_BOOT_ID}:/proc/sys/kernel/random/boot_id\n"
+    )
 
 
 class BootedHost:
