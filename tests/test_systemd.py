@@ -1,6 +1,6 @@
 """bridge-migrate under a real systemd as PID 1 (bridge_migrate_testlab.systemd), with the lab's
-NIC: the units, the dead man, commit-confirmed, a terminal hang-up, and the boot-time unit
-across reboots."""
+NIC: the units, the dead man, commit-confirmed, a terminal hang-up, the boot-time unit across
+reboots, and the sandbox of every unit."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge_migrate import sandbox
 from bridge_migrate.contract import GRACE
 from bridge_migrate.failpoints import KILL_AT_ENV
 from bridge_migrate.record import Store, Transaction
@@ -28,6 +29,9 @@ AGENT = str(Path(sys.executable).with_name("bridge-migrate"))
 STATE = "/var/lib/bridge-migrate"
 TIMEOUT = 2.0
 SLACK = 6.0  # seconds a loaded machine may add to the dead man's start and rollback
+# issue 9: `systemd-analyze security` exposure, at most
+INSTALLED_EXPOSURE = 2.2
+TRANSIENT_EXPOSURE = 2.5
 
 # Stands in for networking.service: the NIC is configured before network.target.
 LAB_NETWORK = """\
@@ -46,9 +50,13 @@ ip -4 route show default | grep -q . && exit 0; sleep 0.05; done; exit 1'
 
 def _units() -> dict[str, str]:
     units = {p.name: p.read_text().replace("@BIN@", AGENT) for p in (ROOT / "units").iterdir()}
-    # The units' PrivateTmp= hides /tmp, where a CI checkout (and so the agent) may live.
+    # The units' PrivateTmp= hides /tmp, where a CI checkout (and so the agent) may live; the
+    # "bridge-migrate-" prefix also reaches the transient units the agent starts.
     checkout = f"[Service]\nBindReadOnlyPaths={ROOT}\n"
-    drop_ins = {f"{name}.d/checkout.conf": checkout for name in units}
+    drop_ins = {
+        f"{name}.d/checkout.conf": checkout
+        for name in ("bridge-migrate.service", "bridge-migrate-.service")
+    }
     return {**units, **drop_ins, "lab-network.service": LAB_NETWORK}
 
 
@@ -359,3 +367,93 @@ def test_watchdog_is_fed_through_a_long_verification(host: Host) -> None:
         listener.kill()
     assert host.booted.host.show("bridge-migrate.service", "Result") == "success"
     assert_migrated(host.view())
+
+
+def test_every_unit_is_sandboxed_within_its_exposure_target(host: Host) -> None:
+    booted = host.booted.host
+    for unit in ("bridge-migrate.service", "bridge-migrate-boot.service"):
+        assert booted.exposure(unit) <= INSTALLED_EXPOSURE
+    # The dead man's service, loaded while a transaction waits for confirmation.
+    run = host.agent("apply", "--timeout", "5", "--confirm-within", "60")
+    assert run.returncode == 0, run.stdout + run.stderr
+    dead_man = f"{host.record().dead_man}.service"  # type: ignore[union-attr]
+    assert booted.exposure(dead_man) <= TRANSIENT_EXPOSURE
+    assert booted.show(dead_man, "CapabilityBoundingSet") == "cap_net_admin"
+    assert set(booted.show(dead_man, "RestrictAddressFamilies").split()) == {
+        "AF_UNIX",
+        "AF_NETLINK",
+    }
+    assert host.agent("rollback").returncode == 0
+    # The apply started from a terminal, while it waits in verification for a silent probe.
+    command = f"{AGENT} apply --timeout 10 --probe tcp:{host.booted.lab.addrs.peer_v4}:7"
+    terminal = booted.popen(
+        ["script", "-qec", command, "/dev/null"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        host.wait_phase({"verifying"}, 10)
+        listed = booted.systemctl("list-units", "--plain", "--no-legend", "bridge-migrate-apply-*")
+        (apply,) = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+        assert booted.exposure(apply) <= TRANSIENT_EXPOSURE
+        assert set(booted.show(apply, "CapabilityBoundingSet").split()) == {
+            "cap_net_admin",
+            "cap_net_raw",
+        }
+    finally:
+        os.killpg(terminal.pid, signal.SIGKILL)
+        terminal.wait(timeout=10)
+
+
+def test_a_hung_agent_is_killed_and_rolled_back_by_the_sandboxed_dead_man(host: Host) -> None:
+    # The rollback restores the firewall too: libnftables under the dead man's sandbox.
+    lab = host.booted.lab
+    firewall = "table inet host { chain input { type filter hook input priority 0;\n"
+    firewall += '  iifname "eth0" accept\n }\n}\n'
+    lab.run(lab.host_ns, ["nft", "-f", "-"], input=firewall).check_returncode()
+    before = host.view()
+    peer = lab.addrs.peer_v4  # no listener: verification waits out the timeout
+    agent = host.booted.host.popen(
+        [AGENT, "apply", "--timeout", str(TIMEOUT), "--probe", f"tcp:{peer}:7"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    host.wait_phase({"verifying"}, 10)
+    assert '"br0"' in host.view().ruleset  # rewritten: the dead man has it to restore
+    pid = host.record().pid  # type: ignore[union-attr]
+    host.booted.host.run(["kill", "-STOP", str(pid)], check=True)  # hangs, holding the lock
+    stopped = time.monotonic()
+    try:
+        phase = host.wait_phase({"rolled-back"}, TIMEOUT + GRACE + SLACK)
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; journal: {host.dead_man_journal()}") from None
+    assert time.monotonic() - stopped <= TIMEOUT + GRACE + SLACK
+    assert phase == "rolled-back"
+    # nsenter stopped itself with its child; resumed, it passes on how the agent ended.
+    agent.send_signal(signal.SIGCONT)
+    assert agent.wait(timeout=10) == -signal.SIGKILL
+    assert_unchanged(before, host.view())
+
+
+def test_a_sandboxed_unit_in_a_named_namespace_arms_its_dead_man_there(host: Host) -> None:
+    booted = host.booted.host
+    booted.run(["ip", "netns", "add", "other"], check=True)
+    locate = "from bridge_migrate import deadman; print(deadman.locate().netns_path)"
+    done = booted.run(
+        [
+            "systemd-run",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            "--unit=bridge-migrate-test-locate",  # the checkout drop-in's prefix
+            "--property=NetworkNamespacePath=/run/netns/other",
+            *sandbox.run_properties(sandbox.APPLY, Path(STATE)),
+            "--",
+            sys.executable,
+            "-c",
+            locate,
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "/run/netns/other"

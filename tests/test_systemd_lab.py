@@ -118,11 +118,23 @@ def test_boots_to_running_with_nothing_of_the_machines(host: BootedHost) -> None
     done = host.run(["sh", "-c", f"echo {swappiness} > /proc/sys/vm/swappiness"])
     assert done.returncode != 0 and "Read-only file system" in done.stderr
     host.run(["sysctl", "-q", "-w", "net.ipv4.conf.lo.forwarding=0"], check=True)
-    # Its own boot ID and PID namespace; the agent's venv runs inside.
-    assert (
-        host.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
-        != Path("/proc/sys/kernel/random/boot_id").read_text()
+    # Its own boot ID (also in a service with a /proc of its own) and PID namespace; the
+    # agent's venv runs inside.
+    boot_id = host.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
+    assert boot_id != Path("/proc/sys/kernel/random/boot_id").read_text()
+    own_proc = ["--property=ProtectProc=invisible", "--property=ProtectKernelTunables=yes"]
+    done = host.run(
+        [
+            "systemd-run",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            *own_proc,
+            "cat",
+            "/proc/sys/kernel/random/boot_id",
+        ]
     )
+    assert done.stdout == boot_id, done.stderr
     assert host.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
     done = host.run([str(VENV_BIN / "bridge-migrate"), "--help"], timeout=30)
     assert done.returncode == 0 and "usage: bridge-migrate" in done.stdout

@@ -1,4 +1,5 @@
-"""The systemd units as installed: they pass `systemd-analyze verify`."""
+"""The systemd units as installed: they pass `systemd-analyze verify` and carry the agent's one
+hardening list, within the exposure target."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from bridge_migrate import sandbox
+from bridge_migrate_testlab.systemd import exposure
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = Path(sys.executable).with_name("bridge-migrate")
+INSTALLED_EXPOSURE = 2.2  # issue 9: `systemd-analyze security`, at most
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd")
 
@@ -73,3 +78,22 @@ def test_install_writes_a_commented_configuration_once(tmp_path: Path) -> None:
     config.write_text('bridge = "vmbr0"\n')
     install(tmp_path)
     assert config.read_text() == 'bridge = "vmbr0"\n'
+
+
+def test_installed_units_carry_the_sandbox_of_the_apply(tmp_path: Path) -> None:
+    for unit in install(tmp_path).iterdir():
+        service = unit.read_text().split("[Service]\n")[1].split("\n[")[0]
+        missing = set(sandbox.APPLY) - set(service.splitlines())
+        assert not missing, f"{unit.name} lacks {sorted(missing)} (sandbox.APPLY)"
+
+
+def test_installed_units_are_within_the_exposure_target(tmp_path: Path) -> None:
+    for unit in install(tmp_path).iterdir():
+        done = subprocess.run(
+            ["systemd-analyze", "security", "--offline=yes", "--no-pager", unit.name],
+            cwd=unit.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert exposure(done.stdout, unit.name) <= INSTALLED_EXPOSURE, done.stdout

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("apply", "undo") and detach.wanted():
             request = _request(args)  # bad input is refused here, before any unit starts
-            return detach.run_as_unit(_unit_argv(args, request))
+            return detach.run_as_unit(store, _unit_argv(args, request))
         return int(_dispatch(args, store, report))
     except Failure as e:
         return _fail(report, e.code, e.message, e.hint)

@@ -4,7 +4,7 @@ session dies. Success disarms it.
 
 The timer is systemd's, not ours: it outlives any process of ours. Its AccuracySec is set tight
 (the default is one minute). The rollback it starts joins the network namespace the transaction
-changed.
+changed, in the dead man's sandbox (sandbox.DEAD_MAN).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sandbox
 from .contract import GRACE as GRACE  # the timer's: deadline + GRACE
 
 ACCURACY = "10ms"
@@ -37,21 +38,25 @@ class Where:
 def locate() -> Where:
     if not os.path.isdir("/run/systemd/system"):
         return Where(False, None, "systemd is not PID 1 here")
-    mine = os.stat("/proc/self/ns/net")
-    pid1: os.stat_result | None
+    mine = _identity("/proc/self/ns/net")
     try:
-        pid1 = os.stat("/proc/1/ns/net")
-    except PermissionError:
-        # A hardened unit may not look at PID 1; systemd started it in its own namespace,
-        # unless the unit names another (then it is under /run/netns, found below).
-        pid1 = mine if "INVOCATION_ID" in os.environ else None
-    if pid1 is not None and (pid1.st_dev, pid1.st_ino) == (mine.st_dev, mine.st_ino):
-        return Where(True, None, "")
+        if _identity("/proc/1/ns/net") == mine:
+            return Where(True, None, "")
+        pid1_seen = True
+    except PermissionError:  # a sandboxed unit may not look at PID 1
+        pid1_seen = False
     for path in sorted(Path("/run/netns").glob("*")):
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+        if _identity(path) == mine:
             return Where(True, str(path), "")
+    if not pid1_seen and "INVOCATION_ID" in os.environ:
+        # A unit in no named namespace: systemd started it in its own.
+        return Where(True, None, "")
     return Where(False, None, "this network namespace has no name under /run/netns")
+
+
+def _identity(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def unit_name(tx_id: str, label: str) -> str:
@@ -71,6 +76,7 @@ def arm(where: Where, tx_id: str, label: str, seconds: float, state_dir: Path) -
         f"--on-active={round(seconds * 1000)}ms",
         f"--timer-property=AccuracySec={ACCURACY}",
         "--property=Type=oneshot",
+        *sandbox.run_properties(sandbox.DEAD_MAN, state_dir),
     ]
     if where.netns_path:
         argv.append(f"--property=NetworkNamespacePath={where.netns_path}")

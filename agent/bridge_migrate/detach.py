@@ -14,7 +14,8 @@ import threading
 import uuid
 from collections.abc import Sequence
 
-from . import deadman
+from . import deadman, sandbox
+from .record import Store
 
 _DRAIN = 2.0  # at most this long for the unit's last journal lines, once it ended
 _QUIET = 0.2  # they are all in once the journal has been quiet this long
@@ -30,8 +31,13 @@ def wanted() -> bool:
     )
 
 
-def run_as_unit(argv: Sequence[str]) -> int:
-    """Run `bridge-migrate ARGV` as a transient service; stream its output; return its code."""
+def run_as_unit(store: Store, argv: Sequence[str]) -> int:
+    """Run `bridge-migrate ARGV` (on `store`) as a transient service; stream its output;
+    return its code."""
+    # The sandbox binds the state directory in, so it must exist; the lock makes it as the
+    # agent would (and refuses here already if another agent is working).
+    with store.lock():
+        pass
     unit = f"bridge-migrate-apply-{uuid.uuid4().hex[:8]}"
     command = [
         "systemd-run",
@@ -42,6 +48,7 @@ def run_as_unit(argv: Sequence[str]) -> int:
         "--description=bridge-migrate apply (started from a terminal)",
         "--setenv=PYTHONUNBUFFERED=1",
         "--property=Type=exec",
+        *sandbox.run_properties(sandbox.APPLY, store.directory),
     ]
     netns = deadman.locate().netns_path
     if netns:

@@ -61,6 +61,8 @@ _CMD_TIMEOUT = 30.0
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
 _UNIT_RE = re.compile(r"[A-Za-z0-9:_.@\\-]+(\.d/[A-Za-z0-9:_.@\\-]+\.conf)?")
+_BOOT_ID = "run/netlab-boot-id"  # under the boot's root
+_EXPOSURE_RE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d)")
 
 # Masked in every boot: each one acts on the machine rather than on the boot's namespaces.
 MASKED: tuple[str, ...] = (
@@ -251,7 +253,15 @@ def _write_seed(seed: Path, spec: BootSpec) -> None:
     (etc / "machine-id").write_text(spec.effective_machine_id() + "\n")
     # Every boot of a kernel shares its boot ID: give each lab boot its own, as nspawn does,
     # so that a persistent journal tells the boots apart (journalctl --list-boots).
-    (seed / "boot_id").write_text(str(uuid.uuid4()) + "\n")
+    boot_id = str(uuid.uuid4()) + "\n"
+    (seed / "boot_id").write_text(boot_id)
+    # A service with ProtectKernelTunables=, ProtectControlGroups= or ProtectProc= gets a /proc
+    # of its own, without the bind mount above: bind the boot's ID into every service too.
+    (seed / "root" / _BOOT_ID).write_text(boot_id)
+    (units / "service.d").mkdir(exist_ok=True)
+    (units / "service.d/netlab-boot-id.conf").write_text(
+        f"[Service]\nBindReadOnlyPaths=/{_BOOT_ID}:/proc/sys/kernel/random/boot_id\n"
+    )
 
 
 class BootedHost:
@@ -511,6 +521,11 @@ class BootedHost:
         """One property of a unit (`systemctl show -P`), e.g. show("x.service", "StatusText")."""
         return self.systemctl("show", "-P", prop, unit, check=True).stdout.rstrip("\n")
 
+    def exposure(self, unit: str) -> float:
+        """`systemd-analyze security` of a loaded unit (transient ones too), 0.0 to 10.0."""
+        done = self.run(["systemd-analyze", "security", "--no-pager", unit], check=True)
+        return exposure(done.stdout, unit)
+
     def journal(self, unit: str | None = None, *, args: Sequence[str] = ()) -> list[dict[str, Any]]:
         """This boot's journal entries (journalctl -o json), after journald wrote what it got."""
         self.run(["journalctl", "--sync"], check=True)
@@ -530,6 +545,15 @@ class BootedHost:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no journal entry with {dict(match)} in {timeout} s")
             time.sleep(0.05)
+
+
+def exposure(analysis: str, unit: str) -> float:
+    """The overall exposure level that `systemd-analyze security` printed for `unit` (its
+    --json output leaves the overall figure out)."""
+    found = {m[1]: float(m[2]) for m in _EXPOSURE_RE.finditer(analysis)}
+    if unit not in found:
+        raise ValueError(f"no overall exposure level for {unit} in: {analysis[-500:]}")
+    return found[unit]
 
 
 def _until(probe: Callable[[], _T], deadline: float, check: Callable[[], None]) -> _T | None:
