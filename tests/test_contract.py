@@ -65,3 +65,17 @@ def test_failed_install_leaves_nothing_behind(tmp_path: Path) -> None:
     answer = _helper("install", str(parent / "agent"), "build", stdin=b"not a tar")
     assert answer["ok"] is False
     assert list(parent.iterdir()) == []
+
+
+def test_the_remote_apply_runs_in_the_agents_sandbox() -> None:
+    # The helper is standard library only: the controller hands it the sandbox, and every
+    # property of the shared list reaches systemd-run.
+    from bridge_migrate.remote import hosthelper
+    from bridge_migrate.sandbox import APPLY, run_properties
+
+    args = [*run_properties(APPLY, Path("/var/lib/bridge-migrate")), "--", "--timeout", "5"]
+    argv = hosthelper.start_argv("/opt/bridge-migrate", "/var/lib/bridge-migrate", "u", args)
+    assert all(f"--property={p}" in argv for p in APPLY)
+    assert argv[argv.index("--") + 1 :][-3:] == ["apply", "--timeout", "5"]
+    with pytest.raises(hosthelper.Failed):
+        hosthelper.start_argv("/opt/b", "/var/lib/b", "u", ["--timeout", "5"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, TextIO, assert_never
 
 from ..contract import (
@@ -22,6 +23,7 @@ from ..contract import (
     Phase,
     Summary,
 )
+from ..sandbox import APPLY, run_properties
 from . import wheels
 from .errors import RemoteError
 from .options import Options
@@ -119,7 +121,10 @@ class Migration:
         self._check(probe)
         self._ensure_agent(probe)
         unit = f"bridge-migrate-remote-{uuid.uuid4().hex[:12]}"
-        doc = self.first("start", self.o.prefix, self.o.state_dir, unit, *self.o.apply)
+        sandbox = run_properties(APPLY, Path(self.o.state_dir))
+        doc = self.first(
+            "start", self.o.prefix, self.o.state_dir, unit, *sandbox, "--", *self.o.apply
+        )
         self.trace.started_unit = Started(unit, int(doc["pid"]), str(doc["boot_id"]))
         started = time.monotonic()
         self.out.say(f"started {unit}.service: apply {' '.join(self.o.apply)}")

@@ -212,22 +212,36 @@ def install(prefix: str, build: str) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _agent(prefix: str, state: str, *args: str) -> list[str]:
-    return [os.path.join(prefix, "bin", "bridge-migrate"), "--state-dir", state, *args]
-
-
-def start(prefix: str, state: str, unit: str, apply: list[str]) -> dict[str, Any]:
-    """Not tied to this SSH session: a hang-up does not stop it."""
-    argv = [
+def start_argv(prefix: str, state: str, unit: str, args: list[str]) -> list[str]:
+    if "--" not in args:
+        raise Failed("usage: start PREFIX STATE UNIT --property=... -- APPLY-OPTIONS")
+    cut = args.index("--")
+    properties, apply = args[:cut], args[cut + 1 :]
+    if not all(p.startswith("--property=") for p in properties):
+        raise Failed(f"usage: not a unit property: {properties!r}")
+    return [
         "systemd-run",
         "--quiet",
         "--collect",
         f"--unit={unit}",
         "--description=bridge-migrate apply (bridge-migrate-remote)",
         "--property=Type=exec",
+        *properties,
         "--",
         *_agent(prefix, state, "apply", *apply),
     ]
+
+
+def _agent(prefix: str, state: str, *args: str) -> list[str]:
+    return [os.path.join(prefix, "bin", "bridge-migrate"), "--state-dir", state, *args]
+
+
+def start(prefix: str, state: str, unit: str, args: list[str]) -> dict[str, Any]:
+    """Not tied to this SSH session: a hang-up does not stop it. `args`: the unit's sandbox
+    (--property=..., from bridge_migrate.sandbox on the controller), `--`, apply's options."""
+    argv = start_argv(prefix, state, unit, args)
+    # The sandbox binds the state directory in: it must exist (the agent's own mode).
+    os.makedirs(state, mode=0o700, exist_ok=True)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT)
     if done.returncode != 0:
         raise Failed(f"systemd-run: {done.stderr.strip()}")
