@@ -82,16 +82,22 @@ class BatchError(OSError):
 
 def send_batch(ops: Sequence[Op], resolve: Resolve, age: float = 0.0) -> BatchResult:
     """Run `ops` in order and return the outcome of each: every run of netlink operations as
-    one buffer, a setting that only /proc/sys takes on its own where it stands."""
-    started = time.perf_counter()
+    one buffer, a setting that only /proc/sys takes (or an nftables transaction) on its own
+    where it stands. The time counted is the kernel's: from each send to its last ACK."""
     outcomes: list[Outcome] = []
+    seconds = 0.0
     for netlink, group in itertools.groupby(ops, key=is_netlink):
         run = list(group)
         if netlink:
-            outcomes += _send(run, resolve, age)
+            sent, took = _send(run, resolve, age)
+            outcomes += sent
+            seconds += took
         else:
-            outcomes += (_run_alone(op) for op in run)
-    return BatchResult(tuple(outcomes), time.perf_counter() - started)
+            for op in run:
+                started = time.perf_counter()
+                outcomes.append(_run_alone(op))
+                seconds += time.perf_counter() - started
+    return BatchResult(tuple(outcomes), seconds)
 
 
 def _run_alone(op: Op) -> Outcome:
@@ -110,13 +116,15 @@ def _nft_outcome(op: Op, result: netfilter.NftResult) -> Outcome:
     return Outcome(op, 0 if result.ok else errno.EPROTO, result.error)
 
 
-def _send(ops: list[Op], resolve: Resolve, age: float) -> list[Outcome]:
+def _send(ops: list[Op], resolve: Resolve, age: float) -> tuple[list[Outcome], float]:
     base = int(time.monotonic_ns() & 0x3FFFFFFF) + 1
     payload = b"".join(encode(op, base + i, resolve, age) for i, op in enumerate(ops))
     with _socket() as sock:
+        started = time.perf_counter()
         sock.send(payload)
         acks = _read_acks(sock, base, len(ops))
-    return [Outcome(op, *acks[base + i]) for i, op in enumerate(ops)]
+        took = time.perf_counter() - started
+    return [Outcome(op, *acks[base + i]) for i, op in enumerate(ops)], took
 
 
 def _socket() -> socket.socket:
