@@ -251,12 +251,11 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
         ("address", state.addresses_on(nic)),
         ("route", state.routes_on(nic)),
         ("neighbour", state.neighbours_on(nic)),
-        ("", state.rules),
+        ("policy", state.rules),
         ("nftables rule", state.firewall),
-        ("setting", state.sysctls_on(nic)),
     ):
         for item in items:
-            report.note(f"read    {what} {item}".replace("  ", " "))
+            report.note(f"read    {what} {item}")
     steps = [
         ("prepare", plan.prepare),
         *((f"tune {i:>2}", s) for i, s in enumerate(plan.tune, 1)),
