@@ -38,7 +38,7 @@ EXPECTED_SERVICES = {
     "systemd-tmpfiles-setup.service",
     "systemd-update-utmp.service",
 }
-# Where a leaky boot would write on the machine (LAB.md: timer stamps, udev in /dev).
+# Where a leaky boot would write on the machine (docs/lab.md: timer stamps, udev in /dev).
 MACHINE_PATHS = ("/etc", "/var/lib/systemd", "/var/log/journal")
 
 NOTIFY_SCRIPT = """

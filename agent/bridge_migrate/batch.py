@@ -1,7 +1,7 @@
 """Send many rtnetlink requests in one sendmsg() and match every ACK to its request.
 
 The kernel runs the messages of one buffer in order and acks each one, carrying on after a
-failure (FACTS.md): atomicity is ours to build from this per-message table.
+failure (docs/kernel-facts.md): atomicity is ours to build from this per-message table.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from bridge_migrate_testlab.lab import Lab, MeterHandle
 from bridge_migrate_testlab.results import MeterResult
 
-SETTLE_FRESH_S = 2.5  # FACTS.md: a fresh lab's IPv6 is not ready for 2-3 s
+SETTLE_FRESH_S = 2.5  # docs/lab.md: a fresh lab's IPv6 is not ready for 2-3 s
 RESTORE_TRIES = 3
 # Stream names, in the order Probes.stop() returns them.
 STREAMS = ("v4 link", "v6 link", "v4 routed", "out v4", "out v6")

@@ -1,4 +1,4 @@
-"""A real SSH path into a booted lab host (LAB.md §2): sshd from the machine's openssh-server,
+"""A real SSH path into a booted lab host (docs/lab.md): sshd from the machine's openssh-server,
 started by the host's systemd, with throwaway keys; and an ssh client configuration owned by the
 test, that reaches the host through a lab namespace.
 

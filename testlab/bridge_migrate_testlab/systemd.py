@@ -1,5 +1,5 @@
 """A real systemd as PID 1 of its own namespaces: a disposable host for testing units, timers,
-sd_notify, journald and reboots (LAB.md §2), hardened so that the boot cannot touch the machine.
+sd_notify, journald and reboots (docs/lab.md), hardened so that the boot cannot touch the machine.
 
     unshare --pid --mount --net --uts --ipc --cgroup      (own cgroup2 subtree, made by us)
       sh BOOT_SCRIPT -> overlay root -> pivot_root -> exec /lib/systemd/systemd --unit=lab.target
@@ -66,7 +66,7 @@ _EXPOSURE_RE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d)")
 
 # Masked in every boot: each one acts on the machine rather than on the boot's namespaces.
 MASKED: tuple[str, ...] = (
-    # udev: coldplug rewrote owners and modes of the machine's /dev (LAB.md)
+    # udev: coldplug rewrote owners and modes of the machine's /dev (docs/lab.md)
     "systemd-udevd.service",
     "systemd-udevd-control.socket",
     "systemd-udevd-kernel.socket",
