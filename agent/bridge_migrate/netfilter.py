@@ -221,6 +221,16 @@ def read_nic_rules(nic: str, bridge: str = "br0") -> NftRules:
     A rule that names `bridge` only is left as it is: an admin may have written it for after
     the takeover. One that names both cannot be rewritten without merging the two: a blocker.
     """
+    return _read(nic, bridge, renamed=False)
+
+
+def read_rules(nic: str, bridge: str) -> NftRules:
+    """`read_nic_rules`, plus the rewritable rules that name the bridge instead (what a
+    takeover made of them), so that a host can be compared before and after: one listing."""
+    return _read(nic, bridge, renamed=True)
+
+
+def _read(nic: str, bridge: str, *, renamed: bool) -> NftRules:
     if not _net_admin():  # libnftables would also print "you must be root" on stderr
         return NftRules((), (), "netfilter rules not read: needs root (CAP_NET_ADMIN)")
     legacy = tuple(legacy_iptables_blockers(nic, bridge))
@@ -232,20 +242,8 @@ def read_nic_rules(nic: str, bridge: str = "br0") -> NftRules:
     except NftError as e:
         return _unreadable(str(e), legacy)
     found = classify(objects, nic, bridge)
-    return NftRules(found.rules, (*found.blockers, *legacy), found.note)
-
-
-def read_rules(nic: str, bridge: str) -> NftRules:
-    """`read_nic_rules`, plus the rewritable rules that name the bridge instead (what a
-    takeover made of them), so that a host can be compared before and after."""
-    found = read_nic_rules(nic, bridge)
-    if found.note or not available():
-        return found
-    try:
-        renamed = classify(list_ruleset(), bridge, nic).rules
-    except NftError:
-        return found
-    return replace(found, rules=(*found.rules, *renamed))
+    rules = (*found.rules, *classify(objects, bridge, nic).rules) if renamed else found.rules
+    return NftRules(rules, (*found.blockers, *legacy), found.note)
 
 
 _CAP_NET_ADMIN = 12
