@@ -175,7 +175,7 @@ class Checkpoint:
         ready = f"ready after {waited * 1000:.2f} ms" if waited is not None else "NOT ready"
         report.phase("prepare", started, f"{plan.prepare.do}; {_acked(plan.make, made)}; {ready}")
         started = time.perf_counter()
-        result = self.send(plan.batch, _resolver(self.ipr))
+        result = self.send(plan.batch, resolve)  # no device was made since: no new dump
         report.phase("batch", started, _acked(plan.batch, result))
         boundary("batch")
         _require(result)
