@@ -163,9 +163,10 @@ def _sysctls(netns: str) -> frozenset[tuple[str, str]]:
     return frozenset(found)
 
 
-def assert_unchanged(before: HostView, after: HostView, *, gateway_dead: bool = False) -> None:
-    """`gateway_dead`: the kernel may have given up on learned entries the rollback restored
-    (their owner is gone), long after the rollback: only static ones must be back."""
+def assert_unchanged(before: HostView, after: HostView, *, learned_may_go: bool = False) -> None:
+    """`learned_may_go`: learned neighbour entries are the kernel's to drop (their owner gone, or
+    unused for a while, or still settling from a change made by hand): only static ones must be
+    back. For checks long after a rollback, or beside a dead gateway."""
     assert after.links == before.links
     assert after.addresses == before.addresses  # order included
     assert after.routes == before.routes  # every table, kernel-made routes too
@@ -174,6 +175,6 @@ def assert_unchanged(before: HostView, after: HostView, *, gateway_dead: bool = 
     assert after.sysctls == before.sysctls
     assert after.ruleset == before.ruleset
     # Every entry is back; the kernel may have learned more from traffic since (dynamic ones).
-    kept = {n for n in before.neighbours if n[3] or not gateway_dead}
+    kept = {n for n in before.neighbours if n[3] or not learned_may_go}
     assert kept <= after.neighbours
     assert all(n[3] == 0 for n in after.neighbours - before.neighbours)

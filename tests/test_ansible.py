@@ -196,7 +196,7 @@ def test_rollout_one_of_each_outcome_stops_at_the_threshold_and_carries_on_below
     assert reports["alpha"]["installed_now"] is True
     assert_migrated(fleet.hosts["alpha"].view())
     _rolled_back(reports["bravo"], "not verified within 3 s")
-    assert_unchanged(before["bravo"], fleet.hosts["bravo"].view(), gateway_dead=True)
+    assert_unchanged(before["bravo"], fleet.hosts["bravo"].view(), learned_may_go=True)
     for name in ("charlie", "delta", "echo"):
         assert reports[name]["result"] == "not attempted" and reports[name]["exit_code"] is None
         assert not any(fleet.hosts[name].opt.iterdir())  # not even installed
@@ -230,7 +230,8 @@ def test_rollout_one_of_each_outcome_stops_at_the_threshold_and_carries_on_below
     assert "state is unknown" in reports["echo"]["message"], reports["echo"]
     assert "verif" in reports["echo"]["message"], reports["echo"]
     for name in ("bravo", "charlie"):
-        assert_unchanged(before[name], fleet.hosts[name].view(), gateway_dead=name == "bravo")
+        # Minutes after the rollback: learned entries may have gone unused.
+        assert_unchanged(before[name], fleet.hosts[name].view(), learned_may_go=True)
     assert_migrated(fleet.hosts["alpha"].view())
     for name in ("alpha", "bravo", "charlie", "delta"):
         assert not fleet.hosts[name].leftovers()

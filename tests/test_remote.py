@@ -351,7 +351,7 @@ def dead_gateway(host: SshHost, remote: Remote) -> None:
     assert "not verified within 2 s" in report.doc["message"]
     assert report.connections("confirm") == []  # nothing to confirm
     assert report.doc["first_session"] == "survived"
-    assert_unchanged(before, host.view(), gateway_dead=True)
+    assert_unchanged(before, host.view(), learned_may_go=True)
     wait_for(lambda: not host.leftovers(), 5, "nothing left behind")
 
 

@@ -57,7 +57,7 @@ def test_a_dead_gateway_keeps_the_host_on_the_bridge(lab: Lab, agent: Agent) -> 
     run = agent("undo", "--timeout", "2")
     assert run.code == 4, run.stdout + run.stderr
     assert "rolled back" in run.stdout
-    assert_unchanged(migrated, read_view(lab.host_ns), gateway_dead=True)
+    assert_unchanged(migrated, read_view(lab.host_ns), learned_may_go=True)
 
 
 def test_a_bridge_made_by_hand_with_a_guest(lab: Lab, agent: Agent) -> None:
@@ -83,7 +83,8 @@ def test_a_bridge_made_by_hand_with_a_guest(lab: Lab, agent: Agent) -> None:
     refused = agent("undo")
     assert refused.code == 3, refused.stdout + refused.stderr
     assert "guest0" in refused.stderr and "--detach" in refused.stderr
-    assert_unchanged(before, read_view(lab.host_ns))
+    # The kernel is still settling the change made by hand (its learned entries).
+    assert_unchanged(before, read_view(lab.host_ns), learned_may_go=True)
     run = agent("undo", "--detach", "guest0")
     assert run.code == 0, run.stdout + run.stderr
     after = read_view(lab.host_ns)
