@@ -23,6 +23,9 @@ from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .encode import Resolve
 from .errors import Refused
 from .model import AF_INET6, HostState
+from .owner import describe as describe_ownership
+from .owner import read_ownership
+from .owner import refusals as handover_refusals
 from .plan import AddAddress, Plan, Step, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .ready import wait_until_ready
@@ -79,7 +82,11 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     if is_migrated(state, req.bridge):
         return None
     started = time.perf_counter()
-    problems = refusals(state, req.bridge)
+    ownership = read_ownership(state)
+    report.attach("owner", ownership)
+    for line in describe_ownership(ownership):
+        report.note(line)
+    problems = [*refusals(state, req.bridge), *handover_refusals(ownership, req.bridge)]
     if problems:
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge)
