@@ -209,7 +209,7 @@ ROWS: tuple[ManagedRow, ...] = (
         "dhcpcd",
         _DYNAMIC,
         after_boot=("systemd-run", "--unit=lab-dhcpcd", "--", "dhcpcd", "-B", "eth0"),
-        source="dhcpcd -B eth0",
+        source="dhcpcd: eth0",  # its process title, once started
     ),
 )
 
