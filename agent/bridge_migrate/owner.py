@@ -76,10 +76,11 @@ class Ownership:
 def read_ownership(state: HostState) -> Ownership:
     started = time.perf_counter()
     nic = state.nic.name
+    procs = _processes()
     owners = (
-        *_ask_bus(nic, state.nic.index),
+        *(_ask_bus(nic, state.nic.index) if _bus_runs(procs) else []),
         *_ifupdown(nic),
-        *_clients(nic),
+        *_clients(nic, procs),
         *_cloud_init(nic),
     )
     addresses = tuple(a for a in state.addresses_on(nic) if a.is_global)
@@ -193,6 +194,15 @@ _PROPS = "org.freedesktop.DBus.Properties"
 
 class _BusError(Exception):
     pass
+
+
+def _bus_runs(procs: list[tuple[int, list[str]]]) -> bool:
+    """Neither manager runs without a bus daemon; and connecting to a socket-activated bus that
+    is not running would start it, slowly on a loaded host, between snapshot and change."""
+    return any(Path(argv[0]).name in _BUS_DAEMONS for _, argv in procs if argv)
+
+
+_BUS_DAEMONS = {"dbus-daemon", "dbus-broker"}
 
 
 def _ask_bus(nic: str, index: int) -> list[Owner]:
@@ -363,12 +373,17 @@ def _relative(name: str, sourced_from: str) -> str:
 _CLIENTS = {"dhclient": Manager.DHCLIENT, "dhcpcd": Manager.DHCPCD}
 
 
-def _clients(nic: str) -> list[Owner]:
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, command line) of every process we can see, oldest first."""
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    return [(pid, _cmdline(pid)) for pid in pids]
+
+
+def _clients(nic: str, procs: list[tuple[int, list[str]]]) -> list[Owner]:
     """One owner per client program whose process in this network namespace serves the NIC."""
     own = _netns(os.getpid())
     found: dict[Manager, Owner] = {}
-    for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
-        argv = _cmdline(pid)
+    for pid, argv in procs:
         manager = _CLIENTS.get(Path(argv[0]).name.removesuffix(":")) if argv else None
         if manager is None or manager in found or not _serves(manager, argv, nic):
             continue
