@@ -73,25 +73,38 @@ class Ownership:
     ms: float  # how long asking took
 
 
-def read_ownership(state: HostState) -> Ownership:
+@dataclass(frozen=True)
+class Asked:
+    owners: tuple[Owner, ...]
+    ms: float
+
+
+def ask_owners(nic: str) -> Asked:
+    """Asked before the snapshot, so that nothing that may wait on another daemon sits between
+    the snapshot and the change."""
     started = time.perf_counter()
-    nic = state.nic.name
     procs = _processes()
     owners = (
-        *(_ask_bus(nic, state.nic.index) if _bus_runs(procs) else []),
+        *(_ask_bus(nic) if _bus_runs(procs) else []),
         *_ifupdown(nic),
         *_clients(nic, procs),
         *_cloud_init(nic),
     )
+    return Asked(owners, (time.perf_counter() - started) * 1000)
+
+
+def ownership(asked: Asked, state: HostState) -> Ownership:
+    """The owners beside what the kernel's addresses show."""
+    nic = state.nic.name
     addresses = tuple(a for a in state.addresses_on(nic) if a.is_global)
-    renewed = {a for o in owners for a in o.addressing}
+    renewed = {a for o in asked.owners for a in o.addressing}
     return Ownership(
         nic=nic,
         mac=state.nic.mac,
-        owners=owners,
+        owners=asked.owners,
         addressing=_ordered({_kind(a) for a in addresses}),
         unrenewed=tuple(str(a) for a in addresses if _kind(a) in _LEASED - renewed),
-        ms=(time.perf_counter() - started) * 1000,
+        ms=asked.ms,
     )
 
 
@@ -205,14 +218,14 @@ def _bus_runs(procs: list[tuple[int, list[str]]]) -> bool:
 _BUS_DAEMONS = {"dbus-daemon", "dbus-broker"}
 
 
-def _ask_bus(nic: str, index: int) -> list[Owner]:
+def _ask_bus(nic: str) -> list[Owner]:
     socket = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
     if socket.startswith("unix:path=") and not os.path.exists(socket.removeprefix("unix:path=")):
         return []  # no system bus: neither manager can run
     try:
         with open_dbus_connection(bus="SYSTEM", auth_timeout=_BUS_TIMEOUT) as conn:
             names = set(_call(conn, _BUS, "ListNames")[0])
-            owners = [_networkd(conn, index)] if _NETWORKD in names else []
+            owners = [_networkd(conn, nic)] if _NETWORKD in names else []
             owners += [_networkmanager(conn, nic)] if _NM in names else []
     except (OSError, TimeoutError, _BusError):
         return []  # a bus we cannot use: nothing on it can be asked either
@@ -233,10 +246,10 @@ def _prop(conn: DBusConnection, name: str, path: str, interface: str, prop: str)
     return _call(conn, where, "Get", "ss", interface, prop)[0][1]  # (signature, value)
 
 
-def _networkd(conn: DBusConnection, index: int) -> Owner | None:
+def _networkd(conn: DBusConnection, nic: str) -> Owner | None:
     manager = DBusAddress("/org/freedesktop/network1", _NETWORKD, f"{_NETWORKD}.Manager")
     try:
-        path = _call(conn, manager, "GetLinkByIndex", "i", index)[1]
+        path = _call(conn, manager, "GetLinkByName", "s", nic)[1]
     except _BusError:
         return None  # networkd does not know the link
     link = DBusAddress(path, _NETWORKD, f"{_NETWORKD}.Link")

@@ -23,8 +23,8 @@ from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .encode import Resolve
 from .errors import Refused
 from .model import AF_INET6, HostState
+from .owner import ask_owners, ownership
 from .owner import describe as describe_ownership
-from .owner import read_ownership
 from .owner import refusals as handover_refusals
 from .plan import AddAddress, Plan, Step, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
@@ -76,17 +76,18 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     started = time.perf_counter()
     nic = choose_nic(ipr, req.nic, req.bridge)
     report.bind(nic=nic, bridge=req.bridge)
+    asked = ask_owners(nic)
     state = read_host(ipr, nic, req.bridge)
     report.attach("snapshot", state)
     report.phase("snapshot", started, _summary(state))
     if is_migrated(state, req.bridge):
         return None
     started = time.perf_counter()
-    ownership = read_ownership(state)
-    report.attach("owner", ownership)
-    for line in describe_ownership(ownership):
+    owned = ownership(asked, state)
+    report.attach("owner", owned)
+    for line in describe_ownership(owned):
         report.note(line)
-    problems = [*refusals(state, req.bridge), *handover_refusals(ownership, req.bridge)]
+    problems = [*refusals(state, req.bridge), *handover_refusals(owned, req.bridge)]
     if problems:
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge)
