@@ -348,6 +348,32 @@ def test_boot_time_unit_across_reboots(tmp_path: Path) -> None:
         assert h.phase() == "interrupted"
 
 
+def test_enabled_boot_unit_runs_at_boot_when_nothing_pulls_in_network_online(
+    tmp_path: Path,
+) -> None:
+    h = Host(tmp_path)
+    h.configure(f"timeout = {TIMEOUT}\n")
+    # The boot's multi-user.target.wants is ours (so the machine's enabled services stay out),
+    # kept across reboots as /etc is on a real host.
+    wants = tmp_path / "wants"
+    wants.mkdir()
+    binds = (*h.spec.binds, Bind(wants, "/etc/systemd/system/multi-user.target.wants"))
+    h.booted.spec = BootSpec(units=h.spec.units, binds=binds)
+    with h.booted as booted:
+        enabled = booted.host.systemctl("enable", "bridge-migrate-boot.service")
+        assert enabled.returncode == 0, enabled.stderr
+        assert [p.name for p in wants.iterdir()] == ["bridge-migrate-boot.service"]
+        booted.poweroff()
+        # A plain host: boots into multi-user.target; its NIC configured before network.target.
+        requires = ("lab-network.service", "multi-user.target")
+        booted.spec = BootSpec(units=h.spec.units, binds=binds, requires=requires)
+        host = booted.boot(plug_first=True)
+        assert host.show("network-online.target", "ActiveState") == "inactive"
+        assert host.show("bridge-migrate-boot.service", "ActiveState") == "active"
+        assert h.phase() == "committed"
+        assert_migrated(h.view())
+
+
 def test_watchdog_is_fed_through_a_long_verification(host: Host) -> None:
     lab, peer = host.booted.lab, host.booted.lab.addrs.peer_v4
     host.booted.host.install_unit(

@@ -21,6 +21,9 @@ from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .errors import Refused
 from .giveback import giveback_notes, giveback_refusals, plan_giveback, port_refusals
 from .model import HostState
+from .owner import ask_owners, ownership
+from .owner import describe as describe_ownership
+from .owner import refusals as handover_refusals
 from .plan import carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .record import Locked, RecordError, Store, Transaction
@@ -49,13 +52,18 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     started = time.perf_counter()
     nic = choose_nic(ipr, req.nic, req.bridge)
     report.bind(nic=nic, bridge=req.bridge)
+    asked = ask_owners(nic)
     state = read_host(ipr, nic, req.bridge)
     report.attach("snapshot", state)
     report.phase("snapshot", started, _summary(state))
     if is_migrated(state, req.bridge):
         return None
     started = time.perf_counter()
-    problems = refusals(state, req.bridge)
+    owned = ownership(asked, state)
+    report.attach("owner", owned)
+    for line in describe_ownership(owned):
+        report.note(line)
+    problems = [*refusals(state, req.bridge), *handover_refusals(owned, req.bridge)]
     report.attach("carried", carried_counts(state))
     if problems:
         report.attach("blockers", problems)

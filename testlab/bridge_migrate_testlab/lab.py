@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ _V4_KERNEL_DEFAULTS: dict[str, str | int] = {
 }
 METER = "bridge_migrate_testlab.meter"
 _KILL_ROUNDS = 10  # processes may fork while we kill them
+# What Lab(dhcp=True) leases: beside the fixed addresses of LabAddresses, never overlapping.
+DHCP_V4_FIRST, DHCP_V4_LAST = "198.18.0.100", "198.18.0.149"
+DHCP_V6_FIRST, DHCP_V6_LAST = 0x1000, 0x1FFF  # host parts in the host's /64
 
 
 def _tool(name: str) -> str:
@@ -147,12 +151,19 @@ class Lab:
         *,
         host_sysctls: Mapping[str, str | int] | None = None,
         host_pid: int | None = None,
+        configure_host: bool = True,
+        dhcp: bool = False,
     ) -> None:
         """host_sysctls: set in the host namespace once eth0 exists, before it gets addresses
         (e.g. {"net.ipv4.conf.eth0.promote_secondaries": 1} to try the systemd default).
         host_pid: use that process's network namespace as the host (`ip netns attach`), e.g.
-        a systemd.BootedHost's PID 1; the lab never kills processes there, and on close only
-        detaches the name. See plug_host/unplug_host for reboots."""
+        a systemd.BootedHost's PID 1; the lab never kills processes there, and on close
+        only detaches the name. See plug_host/unplug_host for reboots.
+        configure_host=False: the host's eth0 is plugged in but left down, without addresses or
+        routes, for a network manager in a booted host to configure (managed.py); entering
+        then does not wait for the host to reach the LAN.
+        dhcp: the LAN serves DHCPv4 (2-minute leases, the gateway as router) and router
+        advertisements with SLAAC and DHCPv6 on the host's prefix (dnsmasq, docs/lab.md)."""
         prefix = prefix if prefix is not None else "bm" + secrets.token_hex(3)
         if not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(f"bad lab prefix {prefix!r}")
@@ -167,6 +178,9 @@ class Lab:
         self._host_sysctls = dict(host_sysctls or {})
         self._nic_mac = f"address {_random_mac()}"
         self._host_pid = host_pid
+        self._configure_host = configure_host
+        self._dhcp = dhcp
+        self._leases: str | None = None  # dnsmasq's lease directory, removed on close
         self._attached: set[str] = set()  # names of namespaces the lab attached, not made
         self._proc_ns: dict[int, str] = {}  # id(proc) -> namespace it was started in
 
@@ -185,7 +199,8 @@ class Lab:
         atexit.register(self.close)
         try:
             self._build()
-            self.wait_reachable(self.host_ns, self._ready_targets())
+            if self._configure_host:
+                self.wait_reachable(self.host_ns, self._ready_targets())
         except BaseException:
             self.close(raise_errors=False)
             raise
@@ -226,6 +241,9 @@ class Lab:
                     pipe.close()
         self._procs.clear()
         self._proc_ns.clear()
+        if self._leases is not None:
+            shutil.rmtree(self._leases, ignore_errors=True)
+            self._leases = None
         if failed:
             log.error("netlab cleanup failed: %s", "; ".join(failed))
             if raise_errors:
@@ -377,7 +395,29 @@ class Lab:
         self.ip_batch(self.lan_ns, self._lan_config())
         self.ip_batch(self.peer_ns, self._leaf_config(a.peer_v4, a.peer_v6, a.gw_v4, a.gw_v6))
         self.ip_batch(self.far_ns, self._leaf_config(a.far_v4, a.far_v6, a.far_gw_v4, a.far_gw_v6))
+        if self._dhcp:
+            self._serve_dhcp()
         self.ip_batch(self.host_ns, self._host_config())
+
+    def _serve_dhcp(self) -> None:
+        """dnsmasq on the LAN bridge; returns once it listens (the host may be asking already)."""
+        a, br = self.addrs, self.lan_bridge
+        self._leases = tempfile.mkdtemp(prefix=f"netlab-{self.prefix}-dhcp-")
+        v6_net = ipaddress.ip_network(f"{a.gw_v6}/{a.v6_prefixlen}", strict=False)
+        argv = [_tool("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null", "--port=0"]
+        argv += [f"--interface={br}", "--bind-interfaces", "--user=root", "--log-facility=-"]
+        argv += [f"--dhcp-leasefile={self._leases}/leases", f"--pid-file={self._leases}/pid"]
+        argv += [f"--dhcp-range={DHCP_V4_FIRST},{DHCP_V4_LAST},2m", f"--dhcp-option=3,{a.gw_v4}"]
+        argv += ["--dhcp-authoritative", "--enable-ra"]
+        first, last = v6_net[DHCP_V6_FIRST], v6_net[DHCP_V6_LAST]
+        argv += [f"--dhcp-range={first},{last},slaac,{a.v6_prefixlen},2m"]
+        self.popen(self.lan_ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        listening = f"{self._leases}/pid"
+        deadline = time.monotonic() + _CMD_TIMEOUT
+        while not os.path.exists(listening):  # written once its sockets are bound
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dnsmasq did not start in {_CMD_TIMEOUT} s")
+            time.sleep(0.01)
 
     def _attach(self, ns: str, pid: int) -> None:
         argv = [self._ip, "netns", "attach", ns, str(pid)]
@@ -422,7 +462,7 @@ class Lab:
         self.ip_batch(self.lan_ns, [f"link set p-host master {br}", "link set p-host up"])
         self.sysctl(self.host_ns, {f"net.ipv6.conf.{self.nic}.accept_dad": 0, **self._host_sysctls})
         self.ip_batch(self.host_ns, self._host_config())
-        if wait:
+        if wait and self._configure_host:
             self.wait_reachable(self.host_ns, self._ready_targets(), timeout=timeout)
 
     def _ready_targets(self) -> list[str]:
@@ -485,6 +525,8 @@ class Lab:
 
     def _host_config(self) -> list[str]:
         a, nic = self.addrs, self.nic
+        if not self._configure_host:
+            return ["link set lo up"]
         return [
             f"addr add {a.host_v4}/{a.v4_prefixlen} dev {nic}",
             f"addr add {a.host_v4_secondary}/{a.v4_prefixlen} dev {nic}",

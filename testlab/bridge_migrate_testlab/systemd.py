@@ -176,6 +176,9 @@ class BootSpec:
     binds: tuple[Bind, ...] = ()
     mask: tuple[str, ...] = ()  # masked in addition to MASKED
     machine_id: str | None = None  # default: derived from the hostname, so stable across boots
+    # path inside -> (text, mode), root's, written over the boot's root before systemd starts:
+    # a network manager's files, say
+    files: Mapping[str, tuple[str, int]] = field(default_factory=dict)
 
     def masked(self) -> list[str]:
         mask = {*MASKED, *_machine_enabled(), *self.mask}
@@ -229,6 +232,9 @@ def _check_spec(spec: BootSpec) -> None:
             raise ValueError(f"bind target {b.target!r}: use an absolute path without symlinks")
         if not b.source.exists():
             raise FileNotFoundError(f"bind source {b.source} does not exist")
+    for path in spec.files:
+        if not os.path.isabs(path) or os.path.normpath(path) != path or path == "/":
+            raise ValueError(f"file {path!r}: use a normalised absolute path")
 
 
 def _lab_target(requires: Sequence[str]) -> str:
@@ -251,6 +257,11 @@ def _write_seed(seed: Path, spec: BootSpec) -> None:
     etc.mkdir()
     (etc / "hostname").write_text(spec.hostname + "\n")
     (etc / "machine-id").write_text(spec.effective_machine_id() + "\n")
+    for path, (text, mode) in spec.files.items():
+        target = seed / "root" / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
     # Every boot of a kernel shares its boot ID: give each lab boot its own, as nspawn does,
     # so that a persistent journal tells the boots apart (journalctl --list-boots).
     boot_id = str(uuid.uuid4()) + "\n"
@@ -614,9 +625,17 @@ class BootedLab:
     """
 
     def __init__(
-        self, spec: BootSpec | None = None, prefix: str | None = None, **lab_kwargs: Any
+        self,
+        spec: BootSpec | None = None,
+        prefix: str | None = None,
+        *,
+        plug_first: bool = False,
+        **lab_kwargs: Any,
     ) -> None:
+        """plug_first: the lab (and the host's NIC) is built while the first boot runs, as
+        on a real machine, so that a network manager configures the NIC at boot."""
         self.spec = spec if spec is not None else BootSpec()
+        self._plug_first = plug_first
         self._prefix = prefix
         self._lab_kwargs = lab_kwargs
         self._lab: Lab | None = None
@@ -636,9 +655,10 @@ class BootedLab:
 
     def __enter__(self) -> BootedLab:
         try:
-            self._host = BootedHost(self.spec).__enter__()
-            lab = Lab(self._prefix, host_pid=self._host.pid, **self._lab_kwargs)
-            self._lab = lab.__enter__()
+            first = self._build_lab if self._plug_first else None
+            self._host = BootedHost(self.spec, before_wait=first).__enter__()
+            if self._lab is None:
+                self._build_lab(self._host.pid)
         except BaseException:
             self.close()
             raise
@@ -651,6 +671,9 @@ class BootedLab:
         tb: TracebackType | None,
     ) -> None:
         self.close(raise_errors=exc_type is None)
+
+    def _build_lab(self, pid: int) -> None:
+        self._lab = Lab(self._prefix, host_pid=pid, **self._lab_kwargs).__enter__()
 
     def close(self, raise_errors: bool = False) -> None:
         try:
