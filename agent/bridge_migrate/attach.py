@@ -22,9 +22,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bridgefilter, guestbook, lanprobe
 from .attachment import Attachment, AttachSpec, GuestAddress, host_end_name
+from .checkpoint import Interrupted, signal_guard
 from .contract import ExitCode
 from .errors import Refused
-from .guest import Guest, GuestSpec, in_namespace, resolved
+from .guest import Guest, GuestSpec, in_namespace, resolved, with_netlink
 from .model import IFA_F_NODAD
 from .preflight import check_root
 from .record import Store
@@ -101,11 +102,15 @@ def _attach(
     guestbook.save(store, (*kept, entry))
     if old is not None:
         _remove(ipr, old)
-    try:
-        _make(ipr, guest, entry, bridge, report)
-        _verify(guest, entry, bridge, req.timeout, report)
-    except (NotVerified, OSError, NetlinkError) as e:
-        return _roll_back(ipr, store, report, guest, kept, entry, old, bridge, str(e))
+    # SIGTERM, SIGHUP or SIGINT from here on removes what was added, as a failure does.
+    with signal_guard() as guard:
+        try:
+            _make(ipr, guest, entry, bridge, report)
+            _verify(guest, entry, bridge, req.timeout, report)
+        except (NotVerified, Interrupted, OSError, NetlinkError) as e:
+            guard.armed = False  # the removal runs to its end
+            return _roll_back(ipr, store, report, guest, kept, entry, old, bridge, str(e))
+        guard.armed = False
     report.attach("attached", entry)
     report.finish(ExitCode.OK, "attached", str(entry))
     return ExitCode.OK
@@ -291,21 +296,25 @@ def _make(
     ipr.link("add", ifname=entry.host_end, kind="veth", mtu=entry.mtu, peer=peer)
     (index,) = ipr.link_lookup(ifname=entry.host_end)
     ipr.link("set", index=index, master=bridge.index, state="up")
-    with IPRoute(netns=guest.path, flags=0) as inside:
-        (gindex,) = inside.link_lookup(ifname=spec.ifname)
-        inside.link("set", index=gindex, state="up")
-        for a in spec.addresses:
-            # IPv6 without DAD: the address was probed on the LAN before (lanprobe), and DAD
-            # would leave it unusable for a second.
-            flags = IFA_F_NODAD if a.version == 6 else 0
-            inside.addr("add", index=gindex, address=a.address, prefixlen=a.prefixlen, flags=flags)
-        for a in spec.addresses:
-            if a.gateway:
-                dst = "0.0.0.0/0" if a.version == 4 else "::/0"
-                inside.route("add", dst=dst, gateway=a.gateway, oif=gindex)
+    with_netlink(guest, lambda inside: _configure(inside, spec))
     report.phase(
         "attach", started, f"{entry.host_end} on {bridge.name}, {spec.ifname} in {guest.spec}"
     )
+
+
+def _configure(inside: IPRoute, spec: AttachSpec) -> None:
+    """Inside the guest: its end up, the addresses, a default route per gateway."""
+    (index,) = inside.link_lookup(ifname=spec.ifname)
+    inside.link("set", index=index, state="up")
+    for a in spec.addresses:
+        # IPv6 without DAD: the address was probed on the LAN before (lanprobe), and DAD
+        # would leave it unusable for a second.
+        flags = IFA_F_NODAD if a.version == 6 else 0
+        inside.addr("add", index=index, address=a.address, prefixlen=a.prefixlen, flags=flags)
+    for a in spec.addresses:
+        if a.gateway:
+            dst = "0.0.0.0/0" if a.version == 4 else "::/0"
+            inside.route("add", dst=dst, gateway=a.gateway, oif=index)
 
 
 def _remove(ipr: IPRoute, entry: Attachment) -> bool:
@@ -385,11 +394,14 @@ def _host_end(ipr: IPRoute, entry: Attachment) -> int | None:
 
 def _guest_link(guest: Guest, ifname: str, mac: str | None) -> int | None:
     """The index of `ifname` in the guest (with MAC `mac`, if given); None if there is none."""
-    with IPRoute(netns=guest.path, flags=0) as inside:
+
+    def find(inside: IPRoute) -> int | None:
         for m in inside.get_links():
             if m.get("IFLA_IFNAME") == ifname and (mac is None or m.get("IFLA_ADDRESS") == mac):
                 return int(m["index"])
-    return None
+        return None
+
+    return with_netlink(guest, find)
 
 
 def _random_mac() -> str:

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, TypeVar, assert_never
 
+from pyroute2 import IPRoute
+
 from .errors import Refused, UsageError
 
 GuestKind = Literal["netns", "pid", "docker"]
@@ -52,11 +54,6 @@ class Guest:
     fd: int
     inode: int  # the namespace's identity (st_ino of its nsfs file)
     pid: int | None  # the process it was found through (pid:, Docker), for messages
-
-    @property
-    def path(self) -> str:
-        """A path naming the held namespace (pyroute2 opens it in a helper of its own)."""
-        return f"/proc/{os.getpid()}/fd/{self.fd}"
 
 
 def parse_guest(text: str) -> GuestSpec:
@@ -196,12 +193,24 @@ def in_namespace(fd: int, work: Callable[[], T]) -> T:
         except BaseException as e:  # handed to the caller's thread
             failure.append(e)
 
-    thread = threading.Thread(target=body, name="in-guest")
+    # A daemon: if a signal ends the wait, the removal goes on while the probes run out.
+    thread = threading.Thread(target=body, name="in-guest", daemon=True)
     thread.start()
     thread.join()
     if failure:
         raise failure[0]
     return result[0]
+
+
+def with_netlink(guest: Guest, work: Callable[[IPRoute], T]) -> T:
+    """`work` with a netlink socket of the guest's namespace. Not pyroute2's netns=, which forks
+    a helper: a child of this process would run the agent's signal handlers."""
+
+    def run() -> T:
+        with IPRoute() as ipr:  # its socket is made on first use, in this thread
+            return work(ipr)
+
+    return in_namespace(guest.fd, run)
 
 
 def _libc() -> ctypes.CDLL:
