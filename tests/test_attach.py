@@ -163,8 +163,11 @@ def test_sigterm_while_verifying_removes_what_was_added(taken: Lab, agent: Agent
     while not any(n.startswith("bmg") for n in links(taken, taken.host_ns)):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
+    time.sleep(0.5)  # the guest is configured in milliseconds: now the probes run
     proc.terminate()
-    out, _ = proc.communicate(timeout=15)  # well before the 30 s of verification
+    stopped = time.monotonic()
+    out, _ = proc.communicate(timeout=25)
+    assert time.monotonic() - stopped < 10, "the probes did not stop at the signal"
     assert proc.returncode == 4, out
     assert "interrupted by SIGTERM" in out
     assert read_view(taken.host_ns).links == host.links

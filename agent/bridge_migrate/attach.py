@@ -25,7 +25,7 @@ from .attachment import Attachment, AttachSpec, GuestAddress, host_end_name
 from .checkpoint import Interrupted, signal_guard
 from .contract import ExitCode
 from .errors import Refused
-from .guest import Guest, GuestSpec, in_namespace, resolved, with_netlink
+from .guest import Guest, GuestSpec, entered, resolved, with_netlink
 from .model import IFA_F_NODAD
 from .preflight import check_root
 from .record import Store
@@ -339,7 +339,8 @@ def _verify(
         )
         return
     deadline = time.monotonic() + timeout
-    results = in_namespace(guest.fd, lambda: run_probes(probes, deadline, report.ping))
+    with entered(guest):
+        results = run_probes(probes, deadline, report.ping)
     silent = [r.probe for r in results if not r.ok]
     detail = ", ".join(
         f"{r.probe.spec} {'ok' if r.ok else 'silent'} in {r.seconds * 1000:.0f} ms" for r in results

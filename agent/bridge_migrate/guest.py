@@ -186,20 +186,38 @@ def in_namespace(fd: int, work: Callable[[], T]) -> T:
 
     def body() -> None:
         try:
-            if _libc().setns(fd, CLONE_NEWNET) != 0:
-                errno = ctypes.get_errno()
-                raise OSError(errno, f"setns into the guest: {os.strerror(errno)}")
+            _setns(fd)
             result.append(work())
         except BaseException as e:  # handed to the caller's thread
             failure.append(e)
 
-    # A daemon: if a signal ends the wait, the removal goes on while the probes run out.
-    thread = threading.Thread(target=body, name="in-guest", daemon=True)
+    thread = threading.Thread(target=body, name="in-guest")
     thread.start()
     thread.join()
     if failure:
         raise failure[0]
     return result[0]
+
+
+@contextmanager
+def entered(guest: Guest) -> Iterator[None]:
+    """This thread in the guest's namespace for the block, then back: the probes run in the
+    main thread, where a signal interrupts them at once (threads they start are the guest's)."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(guest.fd)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def _setns(fd: int) -> None:
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns: {os.strerror(errno)}")
 
 
 def with_netlink(guest: Guest, work: Callable[[IPRoute], T]) -> T:
