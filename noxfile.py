@@ -18,7 +18,7 @@ SCRIPTS = [
 ]
 # What the pure code imports; the package itself is put on the path, not built (building it
 # needs the systemd headers, a Debian package).
-RUNTIME = ["pyroute2>=0.9.7,<0.10", "tenacity>=9.2,<10"]
+RUNTIME = ["pyroute2>=0.9.7,<0.10", "tenacity>=9.2,<10", "jeepney>=0.8,<1"]
 PURE = [
     "tests/test_manpages.py",
     "tests/test_plan.py",
@@ -35,6 +35,8 @@ LABS = {
         "tests/test_fidelity.py",
         "tests/test_differential.py",
         "tests/test_undo.py",
+        "tests/test_attach.py",
+        "tests/test_attach_docker.py",
         "tests/test_giveback_kernel.py",
         "tests/test_netfilter.py",
         "tests/test_output_safety.py",
@@ -48,6 +50,7 @@ LABS = {
         "tests/test_systemd_lab.py",
         "tests/test_units.py",
         "tests/test_events.py",
+        "tests/test_managed.py",
     ],
     "remote": ["tests/test_remote.py", "tests/test_ansible.py", "tests/test_contract.py"],
 }

@@ -14,7 +14,10 @@ from typing import assert_never
 
 from pyroute2 import IPRoute
 
-from . import build, detach
+from . import build, detach, guestbook
+from .attach import AttachRequest, attach
+from .attach import detach as detach_guest
+from .attachment import parse_spec
 from .config import DEFAULT_PATH, Config, load_config, where
 from .contract import (
     CONFIG_ENV,
@@ -26,6 +29,7 @@ from .contract import (
 )
 from .errors import Failure, UsageError
 from .events import printable
+from .guest import parse_guest
 from .plan import RewriteFirewall
 from .preflight import check_name, check_timeout
 from .record import Store, Transaction, check_id, current_boot_id
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
             output.add_argument(
                 "--events", action="store_true", help="print a JSON line per event, as it happens"
             )
+    _add_guest_commands(commands)
     for name, text in (
         ("confirm", "commit the transaction that waits for confirmation"),
         ("rollback", "restore the snapshot of the recorded transaction"),
@@ -126,6 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("transaction", metavar="ID")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
+
+
+def _add_guest_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+    text = "give GUEST an interface on the bridge with these addresses, verified from inside it"
+    sub = commands.add_parser("attach", help=text, description=text)
+    sub.add_argument("guest", metavar="GUEST", help="netns:NAME, pid:PID (or PID), or a container")
+    sub.add_argument(
+        "addresses", nargs="+", metavar="ADDRESS/PREFIX[@GATEWAY]", help="IPv4 or IPv6"
+    )
+    sub.add_argument("--bridge", default="br0", help="the bridge (default: br0)")
+    sub.add_argument("--ifname", default="eth1", help="the guest's interface (default: eth1)")
+    sub.add_argument("--mac", help="the guest interface's MAC (default: a random one)")
+    sub.add_argument("--mtu", type=int, help="the guest interface's MTU (default: the bridge's)")
+    sub.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds for the gateway to answer (default: {DEFAULT_TIMEOUT:g})",
+    )
+    sub.add_argument(
+        "--force-prefix", action="store_true", help="allow a prefix the host is not on"
+    )
+    sub.add_argument("--replace", action="store_true", help="replace another attach of --ifname")
+    sub.add_argument("--json", action="store_true", help="print one JSON document")
+    text = "remove what `attach` added to GUEST"
+    sub = commands.add_parser("detach", help=text, description=text)
+    sub.add_argument("guest", metavar="GUEST", help="as given to attach")
+    sub.add_argument("--ifname", default="eth1", help="the guest's interface (default: eth1)")
+    sub.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,6 +202,16 @@ def _dispatch(args: argparse.Namespace, store: Store, report: Report) -> ExitCod
         case "expire":
             check_id(args.transaction)
             return expire(store, report, args.transaction)
+        case "attach":
+            check_timeout("--timeout", args.timeout)
+            spec = parse_spec(args.bridge, args.ifname, args.addresses, args.mtu, args.mac)
+            request = AttachRequest(
+                parse_guest(args.guest), spec, args.timeout, args.force_prefix, args.replace
+            )
+            return attach(request, store, report)
+        case "detach":
+            check_name("--ifname", args.ifname)
+            return detach_guest(parse_guest(args.guest), args.ifname, store, report)
     return _status(store, report)
 
 
@@ -274,6 +318,10 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
 
 def _status(store: Store, report: Report) -> ExitCode:
     tx = store.load()
+    guests = guestbook.load(store)
+    report.attach("guests", guests)
+    for guest in guests:
+        report.note(f"attached: {guest}")
     if tx is None:
         report.finish(ExitCode.OK, "no transaction", f"no record in {store.directory}")
         return ExitCode.OK

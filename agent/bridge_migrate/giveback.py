@@ -34,6 +34,7 @@ the bridge's MAC reach the host again once they re-resolve it (`giveback_notes` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 from .model import BridgeSide, HostState, Link
@@ -135,14 +136,25 @@ def _reset_sysctls(swapped: HostState) -> tuple[Step, ...]:
     )
 
 
-def port_refusals(side: BridgeSide, detach: tuple[str, ...]) -> list[str]:
-    """Why there is no one NIC to give the host back to (empty: `side.kept_port(detach)`)."""
+def port_refusals(
+    side: BridgeSide, detach: tuple[str, ...], guests: Mapping[str, str] | None = None
+) -> list[str]:
+    """Why there is no one NIC to give the host back to (empty: `side.kept_port(detach)`).
+    `guests`: the ports `bridge-migrate attach` made (port -> guest), from its record."""
     name, device = side.name, side.device
     if device is None:
         return [f"no such device {name}: nothing to undo"]
     if device.kind != "bridge":
         return [f"{name} is a {device.kind or 'plain'} device, not a bridge"]
     ports = [p.name for p in side.ports]
+    attached = [f"{guests[p]} (port {p})" for p in ports if guests and p in guests]
+    if attached:
+        # Even if named with --detach: released, the guest would keep a dead interface and
+        # the record a stale entry.
+        return [
+            f"guests attached to {name} by `bridge-migrate attach`: {', '.join(attached)}; "
+            "remove them first with `bridge-migrate detach GUEST --ifname IFNAME`"
+        ]
     strangers = [d for d in detach if d not in ports]
     if strangers:
         listed = ", ".join(ports) or "none"

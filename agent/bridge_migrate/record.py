@@ -211,6 +211,46 @@ class Store:
         finally:
             os.close(dirfd)
 
+    def read_side_file(self, name: str) -> bytes | None:
+        """Another small file of this directory (the attached guests), under the record's
+        trust rules; None if there is none."""
+        dirfd = self._open_directory(create=False)
+        if dirfd is None:
+            return None
+        try:
+            fd = self._open_file(dirfd, name, os.O_RDONLY)
+            if fd is None:
+                return None
+            try:
+                return self._read(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dirfd)
+
+    def write_side_file(self, name: str, data: bytes) -> None:
+        """Replace file `name` whole (temporary file, fsync, rename, fsync of the directory)."""
+        temp = f"{_TEMP}{name}"
+        dirfd = self._open_directory(create=True)
+        assert dirfd is not None  # created if missing
+        try:
+            with suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=dirfd)
+            fd = os.open(temp, _NEW | os.O_WRONLY, 0o600, dir_fd=dirfd)
+            try:
+                _write_all(fd, data, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            os.fsync(dirfd)
+        except OSError as e:
+            with suppress(OSError):
+                os.unlink(temp, dir_fd=dirfd)
+            raise self._cannot_write(e, self.directory / name) from None
+        finally:
+            os.close(dirfd)
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the directory's lock; Locked (naming the holder) if another agent has it."""
@@ -319,20 +359,23 @@ class Store:
     # The record file -----------------------------------------------------------------------
 
     def _open_record(self, dirfd: int, flags: int) -> int | None:
+        return self._open_file(dirfd, RECORD, flags)
+
+    def _open_file(self, dirfd: int, name: str, flags: int) -> int | None:
         try:
             # Non-blocking: a FIFO in its place must not hang the agent.
-            fd = os.open(RECORD, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
         except FileNotFoundError:
             return None
         except OSError as e:
             try:
-                st = os.stat(RECORD, dir_fd=dirfd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
             except OSError:
                 st = None
             if st is not None and not stat.S_ISREG(st.st_mode):
-                raise self._untrusted("is not a regular file") from None
+                raise self._untrusted("is not a regular file", name) from None
             raise RecordError(
-                f"cannot open {self.path}: {e.strerror}",
+                f"cannot open {self.directory / name}: {e.strerror}",
                 f"make {self.directory} writable, or use another --state-dir",
             ) from None
         st = os.fstat(fd)
@@ -347,7 +390,7 @@ class Store:
         )
         if problem:
             os.close(fd)
-            raise self._untrusted(problem)
+            raise self._untrusted(problem, name)
         return fd
 
     def _read(self, fd: int) -> bytes:
@@ -411,15 +454,16 @@ class Store:
             if name.startswith(_TEMP):
                 os.unlink(name, dir_fd=dirfd)
 
-    def _cannot_write(self, e: OSError) -> RecordError:
+    def _cannot_write(self, e: OSError, path: Path | None = None) -> RecordError:
+        what = f"the record {path}" if path else f"the transaction record {self.path}"
         return RecordError(
-            f"cannot write the transaction record {self.path}: {e.strerror or e}",
+            f"cannot write {what}: {e.strerror or e}",
             f"make room in {self.directory} (or make it writable), or use another --state-dir",
         )
 
-    def _untrusted(self, problem: str) -> RecordError:
+    def _untrusted(self, problem: str, name: str = RECORD) -> RecordError:
         return RecordError(
-            f"{self.path} {problem}: it was not read",
+            f"{self.directory / name} {problem}: it was not read",
             "remove it if you did not put it there",
         )
 

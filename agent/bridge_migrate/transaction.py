@@ -4,18 +4,19 @@ man armed before the first change, so that one happens even if this process dies
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from . import deadman
+from . import deadman, guestbook
 from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, signal_guard
 from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .errors import Refused
@@ -90,7 +91,10 @@ def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = Fa
 
 def undo(req: ApplyRequest, store: Store, report: Report) -> ExitCode:
     """Move the host back from the bridge onto its one port, planned from the live host."""
-    return _transact(req, store, report, read_giveback, at_boot=False)
+    check_root()
+    guests = guestbook.on_bridge(store, req.bridge)  # refused by name while attached
+    read = functools.partial(read_giveback, guests=guests)
+    return _transact(req, store, report, read, at_boot=False)
 
 
 Reader = Callable[[IPRoute, ApplyRequest, Report], Prepared | None]
@@ -123,13 +127,16 @@ def _transact(
     return cp.outcome
 
 
-def read_giveback(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | None:
-    """Snapshot and plan the way back; None when there is no bridge to leave. Raises Refused."""
+def read_giveback(
+    ipr: IPRoute, req: ApplyRequest, report: Report, guests: Mapping[str, str] | None = None
+) -> Prepared | None:
+    """Snapshot and plan the way back; None when there is no bridge to leave. Raises Refused.
+    `guests`: the bridge's ports `attach` made, named in the refusal."""
     started = time.perf_counter()
     side = read_bridge_side(ipr, req.bridge, req.detach)
     if side.device is None:
         return None
-    problems = port_refusals(side, req.detach)
+    problems = port_refusals(side, req.detach, guests)
     nic = side.kept_port(req.detach)
     if problems or nic is None:
         raise Refused("; ".join(problems))

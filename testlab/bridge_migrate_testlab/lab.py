@@ -273,8 +273,19 @@ class Lab:
 
     # -- running things inside the lab -------------------------------------------------------
 
+    def add_namespace(self, suffix: str) -> str:
+        """One more namespace of this lab (a guest to attach), empty but for a down lo, deleted
+        with the lab; returns its name."""
+        ns = f"{self.prefix}-{suffix}"
+        done = subprocess.run([self._ip, "netns", "add", ns], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"ip netns add {ns} failed: {done.stderr.strip()}")
+        self._created.append(ns)
+        return ns
+
     def _argv(self, ns: str, argv: Sequence[str]) -> list[str]:
-        if ns not in self.namespaces:  # never run anything in a namespace that is not ours
+        # Never run anything in a namespace that is not ours.
+        if ns not in self.namespaces and ns not in self._created:
             raise ValueError(f"{ns!r} is not a namespace of this lab")
         return [self._nsenter, f"--net={self.netns_path(ns)}", "--", *argv]
 
