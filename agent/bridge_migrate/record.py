@@ -167,23 +167,11 @@ class Store:
         slots = [_encode_slot(_status_of(tx, 0)), *([_EMPTY_SLOT] * (SLOTS - 1))]
         header = json.dumps(serde.to_data(tx), indent=1).encode()
         data = b"".join([_preamble(), *slots, header])
-        temp = f"{_TEMP}{tx.id}"
         dirfd = self._open_directory(create=True)
         assert dirfd is not None  # created if missing
         try:
             self._remove_temporaries(dirfd)
-            fd = os.open(temp, _NEW | os.O_WRONLY, 0o600, dir_fd=dirfd)
-            try:
-                _write_all(fd, data, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temp, RECORD, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            os.fsync(dirfd)
-        except OSError as e:
-            with suppress(OSError):
-                os.unlink(temp, dir_fd=dirfd)
-            raise self._cannot_write(e) from None
+            self._replace(dirfd, RECORD, f"{_TEMP}{tx.id}", data)
         finally:
             os.close(dirfd)
 
@@ -236,6 +224,14 @@ class Store:
         try:
             with suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=dirfd)
+            self._replace(dirfd, name, temp, data)
+        finally:
+            os.close(dirfd)
+
+    def _replace(self, dirfd: int, name: str, temp: str, data: bytes) -> None:
+        """`name` replaced whole: a new temporary file written in full, fsync, rename, fsync of
+        the directory; on failure the temporary file goes and RecordError names `name`."""
+        try:
             fd = os.open(temp, _NEW | os.O_WRONLY, 0o600, dir_fd=dirfd)
             try:
                 _write_all(fd, data, 0)
@@ -247,9 +243,7 @@ class Store:
         except OSError as e:
             with suppress(OSError):
                 os.unlink(temp, dir_fd=dirfd)
-            raise self._cannot_write(e, self.directory / name) from None
-        finally:
-            os.close(dirfd)
+            raise self._cannot_write(e, None if name == RECORD else self.directory / name) from None
 
     @contextmanager
     def lock(self) -> Iterator[None]:
