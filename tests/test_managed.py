@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from bridge_migrate.contract import ExitCode
+from bridge_migrate.owner import Addressing
 from bridge_migrate_testlab import Lab
-from bridge_migrate_testlab.managed import ROWS, Addressing, ManagedRow, booted_lab, configured
+from bridge_migrate_testlab.managed import ROWS, ManagedRow, booted_lab, configured
 from hostview import assert_unchanged, read_view
 
 pytestmark = pytest.mark.root

@@ -10,7 +10,6 @@ and lab.target requires the manager and its wait-online unit: "booted" means con
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import json
 import time
@@ -18,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge_migrate.owner import Addressing  # what the agent reports, one vocabulary
 from bridge_migrate_testlab.lab import LabAddresses
 from bridge_migrate_testlab.systemd import BootedLab, BootSpec
 
@@ -25,15 +25,6 @@ _A = LabAddresses()
 _V4 = f"{_A.host_v4}/{_A.v4_prefixlen}"
 _V6 = f"{_A.host_v6}/{_A.v6_prefixlen}"
 _CONFIGURED_TIMEOUT = 30.0  # DHCP and SLAAC after boot (dhcpcd runs only then)
-
-
-class Addressing(enum.Enum):
-    """How a row's eth0 gets its addresses (what the agent must report)."""
-
-    STATIC = "static"
-    DHCPV4 = "dhcpv4"
-    SLAAC = "slaac"
-    DHCPV6 = "dhcpv6"
 
 
 @dataclass(frozen=True)
