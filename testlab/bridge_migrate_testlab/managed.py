@@ -85,6 +85,19 @@ _NETPLAN_DHCP = """network:
       dhcp4: true
       dhcp6: true
 """
+_NETPLAN_STATIC = f"""network:
+  version: 2
+  renderer: networkd
+  ethernets:
+    eth0:
+      addresses: [{_V4}, "{_V6}"]
+      routes:
+        - to: default
+          via: {_A.gw_v4}
+        - to: default
+          via: "{_A.gw_v6}"
+      accept-ra: false
+"""
 _NM_STATIC = f"""[connection]
 id=lab-static
 type=ethernet
@@ -134,6 +147,15 @@ iface eth0 inet6 auto
 _CLOUD_CFG = "datasource_list: [NoCloud]\n"
 _CLOUD_NETPLAN = "# This file is generated from information provided by the datasource.\n"
 
+# netplan hosts handed over: the YAML and networkd's drop-ins (the bridge's IAID) outlive a
+# reboot, as on a disk; netplan's generator renders networkd's files at every boot.
+_NETPLAN_HANDED: dict[str, Any] = {
+    "handed_over": True,
+    "restart": ("systemctl", "restart", "systemd-networkd.service"),
+    "reload": ("networkctl", "reload"),
+    "persist": ("/etc/netplan", "/etc/systemd/network"),
+}
+
 ROWS: tuple[ManagedRow, ...] = (
     ManagedRow(
         "networkd-static",
@@ -167,6 +189,16 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/netplan/01-lab.yaml": (_NETPLAN_DHCP, 0o600)},
         requires=_NETWORKD_ONLINE,
         source="/etc/netplan/01-lab.yaml",
+        **_NETPLAN_HANDED,
+    ),
+    ManagedRow(
+        "netplan-static",
+        "systemd-networkd",
+        _STATIC,
+        files={"/etc/netplan/01-lab.yaml": (_NETPLAN_STATIC, 0o600)},
+        requires=_NETWORKD_ONLINE,
+        source="/etc/netplan/01-lab.yaml",
+        **_NETPLAN_HANDED,
     ),
     ManagedRow(
         "cloud-init-netplan",
@@ -179,6 +211,7 @@ ROWS: tuple[ManagedRow, ...] = (
         },
         requires=_NETWORKD_ONLINE,
         source="/etc/netplan/50-cloud-init.yaml",
+        **{**_NETPLAN_HANDED, "persist": (*_NETPLAN_HANDED["persist"], "/etc/cloud")},
     ),
     ManagedRow(
         "nm-static",

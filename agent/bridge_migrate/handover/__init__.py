@@ -16,13 +16,13 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import networkd
+from . import cloudinit, netplan, networkd
 from .files import FileChange
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
-View = networkd.NetworkdView
-Adoption = networkd.NetworkdAdoption
+View = networkd.NetworkdView | netplan.NetplanView | cloudinit.CloudInitView
+Adoption = networkd.NetworkdAdoption | netplan.NetplanAdoption | cloudinit.CloudInitAdoption
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,11 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
         match owner.manager:
             case Manager.NETWORKD if not owner.generator:
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
-            case (
-                Manager.NETWORKD
-                | Manager.NETWORKMANAGER
-                | Manager.IFUPDOWN
-                | Manager.DHCLIENT
-                | Manager.DHCPCD
-                | Manager.CLOUD_INIT
-            ):
+            case Manager.NETWORKD:  # its files are netplan's rendering
+                views.append(netplan.read(owner.source, nic, bridge, ifindex))
+            case Manager.CLOUD_INIT:
+                views.append(cloudinit.read(owner.source, nic))
+            case Manager.NETWORKMANAGER | Manager.IFUPDOWN | Manager.DHCLIENT | Manager.DHCPCD:
                 unsupported.append(owner)
             case _:
                 assert_never(owner.manager)
@@ -75,22 +72,37 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 view.nic, bridge, bridge_network, view.network_file
             )
             return Handover(Manager.NETWORKD, files, adoption)
+        case netplan.NetplanView():
+            changes = netplan.plan(view, state, bridge)
+            if isinstance(changes, str):
+                return changes
+            return Handover(Manager.NETWORKD, changes, netplan.adoption(view, bridge))
+        case cloudinit.CloudInitView():
+            changes = cloudinit.plan(view, state, bridge)
+            if isinstance(changes, str):
+                return changes
+            told = cloudinit.CloudInitAdoption(view.nic, bridge)
+            return Handover(Manager.CLOUD_INIT, changes, told)
         case _:
             assert_never(view)
 
 
 def manager_of(view: View) -> Manager:
     match view:
-        case networkd.NetworkdView():
+        case networkd.NetworkdView() | netplan.NetplanView():
             return Manager.NETWORKD
+        case cloudinit.CloudInitView():
+            return Manager.CLOUD_INIT
         case _:
             assert_never(view)
 
 
 def manager_of_adoption(a: Adoption) -> Manager:
     match a:
-        case networkd.NetworkdAdoption():
+        case networkd.NetworkdAdoption() | netplan.NetplanAdoption():
             return Manager.NETWORKD
+        case cloudinit.CloudInitAdoption():
+            return Manager.CLOUD_INIT
         case _:
             assert_never(a)
 
@@ -101,9 +113,13 @@ def adopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.adopt(a, until)
+            case netplan.NetplanAdoption():
+                netplan.adopt(a, until)
+            case cloudinit.CloudInitAdoption():
+                cloudinit.adopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except (networkd.NetworkdError, netplan.NetplanError) as e:
         raise HandoverError(str(e)) from e
 
 
@@ -112,7 +128,11 @@ def readopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.readopt(a, until)
+            case netplan.NetplanAdoption():
+                netplan.readopt(a, until)
+            case cloudinit.CloudInitAdoption():
+                cloudinit.readopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except (networkd.NetworkdError, netplan.NetplanError) as e:
         raise HandoverError(str(e)) from e
