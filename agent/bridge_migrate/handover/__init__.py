@@ -76,7 +76,7 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
             changes = netplan.plan(view, state, bridge)
             if isinstance(changes, str):
                 return changes
-            return Handover(Manager.NETWORKD, changes, netplan.adoption(view, bridge))
+            return Handover(Manager.NETWORKD, changes, netplan.adoption(view, state, bridge))
         case cloudinit.CloudInitView():
             changes = cloudinit.plan(view, state, bridge)
             if isinstance(changes, str):

@@ -16,7 +16,7 @@ key for either:
   addresses and routes it finds on a link it starts to manage, and acquires them again (a DHCP
   DISCOVER, the IPv6 routes back only at the next router advertisement, ~1 s). The price, until
   the next boot: networkd treats the bridge's DHCPv4 lease as critical (the address shows no
-  expiry; the client still renews it). See /work/notes/networkd-findings.md for the measurements.
+  expiry; the client still renews it).
 
 The YAML is read and written with PyYAML, every scalar taken as the string it is written as
 (BaseLoader: `52:54:00:12:34:56` stays a MAC, not a base-60 number; `yes` stays `yes`), and
@@ -28,6 +28,8 @@ puts it back byte for byte.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -35,10 +37,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from pyroute2 import IPRoute
 
 from ..model import HostState
 from . import networkd
-from .files import ABSENT, FileChange, FileState, read_state, write_states
+from .files import ABSENT, FileChange, FileState, read_state
 
 # netplan reads *.yaml from these; a name in a later directory hides the same name in an
 # earlier one (/run over /etc over /lib), then all are taken in the order of their names.
@@ -46,8 +49,10 @@ DIRECTORIES = ("/lib/netplan", "/etc/netplan", "/run/netplan")
 EDITABLE = "/etc/netplan"
 _GENERATED = "/run/systemd/network"  # where netplan renders networkd's files
 _PERSISTENT = "/etc/systemd/network"
-_DROPIN = "50-bridge-migrate.conf"
+_IDENTITY = "50-bridge-migrate.conf"  # not networkd.ADOPT_DROP_IN: the same name in /etc hides /run
 _GENERATE_TIMEOUT = 30.0
+_SYSTEMD = "/run/systemd/system"  # systemd runs (sd_booted)
+_POLL = 0.05
 _DEVICE_TYPES = (
     "ethernets",
     "bonds",
@@ -105,6 +110,7 @@ class NetplanAdoption:
     bridge: str
     network_file: str  # what networkd must configure the bridge with (adopt) ...
     nic_file: str  # ... and the NIC with (readopt)
+    addresses: tuple[str, ...] = ()  # the NIC's global addresses, back on it after readopt
 
 
 class NetplanError(Exception):
@@ -119,7 +125,10 @@ def generated(device: str) -> str:
 def dropins(bridge: str) -> tuple[str, str]:
     """The bridge's drop-ins: its DHCP identity (lasting), and the adoption's (until boot)."""
     name = PurePosixPath(generated(bridge)).name
-    return (f"{_PERSISTENT}/{name}.d/{_DROPIN}", f"{_GENERATED}/{name}.d/{_DROPIN}")
+    return (
+        f"{_PERSISTENT}/{name}.d/{_IDENTITY}",
+        f"{_GENERATED}/{name}.d/{networkd.ADOPT_DROP_IN}",
+    )
 
 
 def read(network_file: str, nic: str, bridge: str, ifindex: int) -> NetplanView:
@@ -165,8 +174,10 @@ def plan(view: NetplanView, state: HostState, bridge: str) -> tuple[FileChange, 
     return tuple(changes)
 
 
-def adoption(view: NetplanView, bridge: str) -> NetplanAdoption:
-    return NetplanAdoption(view.nic, bridge, generated(bridge), view.network_file)
+def adoption(view: NetplanView, state: HostState, bridge: str) -> NetplanAdoption:
+    nic = view.nic
+    held = tuple(a.address for a in state.addresses_on(nic) if a.is_global)
+    return NetplanAdoption(nic, bridge, generated(bridge), view.network_file, held)
 
 
 def _documents(view: NetplanView) -> list[tuple[str, dict[str, Any]]] | str:
@@ -328,14 +339,30 @@ def adopt(a: NetplanAdoption, until: float) -> None:
 
 
 def readopt(a: NetplanAdoption, until: float) -> None:
-    """netplan renders the NIC's files again from the restored YAML; networkd configures the
-    NIC again, keeping what the rollback put back on it (a drop-in until the next boot, as on
-    the way there: otherwise it drops the addresses and acquires them again)."""
-    name = PurePosixPath(a.nic_file).name
-    keep = f"{_GENERATED}/{name}.d/{_DROPIN}"
-    write_states([FileChange(keep, read_state(keep), FileState(_KEEP, 0o644))])
+    """netplan renders the NIC's files again from the restored YAML (the bridge's are gone);
+    networkd configures the NIC again from them. networkd drops the addresses the rollback put
+    back and acquires them again (DHCP, SLAAC at the next router advertisement): "configured"
+    comes before the last of them, so wait for them too, or the rollback's comparison misses
+    them."""
     generate(until)
     networkd.readopt(_networkd(a), until)
+    missing = _wait_addresses(a.nic, set(a.addresses), until)
+    if missing:
+        raise NetplanError(
+            f"systemd-networkd configured {a.nic} again, but not (yet) with {', '.join(missing)}"
+        )
+
+
+def _wait_addresses(nic: str, want: set[str], until: float) -> list[str]:
+    """The addresses of `want` still missing on `nic` once all are there or time is up."""
+    with IPRoute() as ipr:
+        while True:
+            (index,) = ipr.link_lookup(ifname=nic) or (0,)
+            held = {m.get("IFA_ADDRESS") for m in ipr.get_addr(index=index)} if index else set()
+            missing = sorted(want - held)
+            if not missing or time.monotonic() >= until:
+                return missing
+            time.sleep(_POLL)
 
 
 def _networkd(a: NetplanAdoption) -> networkd.NetworkdAdoption:
@@ -343,11 +370,32 @@ def _networkd(a: NetplanAdoption) -> networkd.NetworkdAdoption:
 
 
 def generate(until: float) -> None:
-    """`netplan generate`: networkd's files in /run, from the YAML as it is now."""
+    """`netplan generate`: networkd's files in /run, from the YAML as it is now. systemd runs
+    it as a transient service of its own: netplan also writes udev rules and units under /run,
+    which the agent's unit sandbox keeps read-only (and must)."""
     left = max(0.1, min(_GENERATE_TIMEOUT, until - time.monotonic()))
+    argv = ["netplan", "generate"]
+    if Path(_SYSTEMD).is_dir():
+        argv = [
+            "systemd-run",
+            "--quiet",
+            "--wait",
+            "--collect",
+            "--pipe",
+            "--service-type=oneshot",
+            f"--unit=bridge-migrate-netplan-generate-{os.getpid()}-{time.monotonic_ns()}",
+            f"--property=RuntimeMaxSec={math.ceil(left)}",
+            "--",
+            *argv,
+        ]
     try:
         done = subprocess.run(
-            ["netplan", "generate"], capture_output=True, text=True, timeout=left, check=False
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=left + 5,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NetplanError(f"netplan generate: {e}") from e
