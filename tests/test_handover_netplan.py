@@ -18,12 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from bridge_migrate.contract import ExitCode
+from bridge_migrate import handover
+from bridge_migrate.contract import GRACE, ExitCode, Phase
+from bridge_migrate.failpoints import KILL_AT_ENV
 from bridge_migrate.handover import cloudinit, netplan
+from bridge_migrate.record import Store
 from bridge_migrate_testlab import Lab
 from bridge_migrate_testlab.managed import booted_lab, configured, global_addresses, row
 from bridge_migrate_testlab.results import MeterResult
 from bridge_migrate_testlab.systemd import BootedLab
+from installed import installed_units
 
 pytestmark = pytest.mark.root
 
@@ -141,8 +145,6 @@ def test_networkd_adopts_the_bridge_netplan_renders_without_a_gap(name: str) -> 
                 assert _lease(booted, mac) == leased, "the same address, the same client id"
             if name == "cloud-init-netplan":
                 assert b"network: {config: disabled}" in (_read(booted, cloudinit.DISABLE) or b"")
-                owners = json.loads(_agent(booted, "plan", "--json").stdout)["owner"]["owners"]
-                assert "cloud-init" not in {o["manager"] for o in owners}
 
             back = _agent(booted, "rollback")
             assert back.returncode == ExitCode.OK, back.stdout + back.stderr
@@ -180,3 +182,56 @@ def test_networkd_adopts_the_bridge_netplan_renders_without_a_gap(name: str) -> 
     print(f"{name}: " + "; ".join(figures))
     # The hand-over adds no gap of its own: networkd adopts what the takeover made.
     assert statistics.median(gaps) <= max(20.0, 3 * statistics.median(plain_gaps)), figures
+
+
+def _files(booted: BootedLab) -> dict[str, bytes | None]:
+    identity, adoption = netplan.dropins("br0")
+    return {p: _read(booted, p) for p in (YAML, identity, adoption)}
+
+
+def _states(booted: BootedLab) -> dict[str, str]:
+    done = booted.host.run(["networkctl", "list", "--json=short", "--no-pager"], check=True)
+    return {i["Name"]: i["AdministrativeState"] for i in json.loads(done.stdout)["Interfaces"]}
+
+
+def test_systemctl_start_hands_netplan_over_from_inside_the_sandbox() -> None:
+    """The unit's sandbox keeps /run read-only; netplan generate runs as systemd's own."""
+    r = row("netplan-dhcp")
+    with booted_lab(r, units=installed_units()) as booted:
+        configured(booted, r)
+        before = _files(booted)
+        owned = global_addresses(booted, "eth0")
+        started = booted.host.systemctl("start", "bridge-migrate", timeout=90)
+        assert started.returncode == 0, started.stderr + str(booted.host.journal())
+        assert global_addresses(booted, "br0") >= owned
+        assert _states(booted) == {"lo": "unmanaged", "eth0": "configured", "br0": "configured"}
+        assert all(_files(booted)[p] is not None for p in before)
+        back = _agent(booted, "rollback")
+        assert back.returncode == ExitCode.OK, back.stdout + back.stderr
+        assert _files(booted) == before
+
+
+def test_dead_man_gives_netplan_its_yaml_back_when_the_agent_dies_after_the_handover() -> None:
+    r = row("netplan-dhcp")
+    timeout = 3.0
+    with booted_lab(r, units=installed_units()) as booted:
+        configured(booted, r)
+        before = _files(booted)
+        owned = global_addresses(booted, "eth0")
+        killed = booted.host.run(
+            [AGENT, "--state-dir", STATE, "apply", "--timeout", str(timeout)],
+            env={KILL_AT_ENV: "handover"},
+            timeout=60,
+        )
+        assert killed.returncode in (137, -9), killed.stdout + killed.stderr
+        assert _files(booted) != before  # the hand-over was made
+        store = Store(booted.outside(STATE))
+        deadline = time.monotonic() + timeout + GRACE + handover.WAIT + 10
+        while (tx := store.load()) is not None and tx.phase.pending:
+            assert time.monotonic() < deadline, f"still {tx.phase}: {booted.host.journal()}"
+            time.sleep(0.2)
+        assert tx is not None and tx.phase == Phase.ROLLED_BACK, tx
+        assert _files(booted) == before
+        assert global_addresses(booted, "eth0") >= owned
+        assert not global_addresses(booted, "br0")
+        assert _states(booted)["eth0"] == "configured"
