@@ -235,3 +235,20 @@ def test_dead_man_gives_netplan_its_yaml_back_when_the_agent_dies_after_the_hand
         assert global_addresses(booted, "eth0") >= owned
         assert not global_addresses(booted, "br0")
         assert _states(booted)["eth0"] == "configured"
+
+
+def test_a_nic_defined_in_two_yaml_files_is_refused_with_the_manual_way() -> None:
+    r = row("netplan-dhcp")
+    extra = "network:\n  version: 2\n  ethernets:\n    eth0:\n      dhcp6: true\n"
+    with booted_lab(r, files={"/etc/netplan/90-extra.yaml": (extra, 0o600)}) as booted:
+        configured(booted, r)
+        before = _files(booted)
+        owned = global_addresses(booted, "eth0")
+        apply = _agent(booted, "apply", "--timeout", "10")
+        assert apply.returncode == ExitCode.REFUSED, apply.stdout + apply.stderr
+        said = apply.stderr
+        assert "eth0 is defined in /etc/netplan/01-lab.yaml, /etc/netplan/90-extra.yaml" in said
+        assert "bridges: {br0: {interfaces: [eth0]" in said and "netplan generate" in said
+        assert "Nothing was changed" in said
+        assert _files(booted) == before and global_addresses(booted, "eth0") >= owned
+        assert not global_addresses(booted, "br0")

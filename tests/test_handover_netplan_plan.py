@@ -14,7 +14,7 @@ import yaml
 from bridge_migrate.handover import Handover, cloudinit, netplan
 from bridge_migrate.handover import plan as plan_handover
 from bridge_migrate.handover.files import ABSENT, FileChange, FileState
-from shapes import NIC, host_with
+from shapes import NIC, addr, host_with
 
 STATE = host_with([], [], [])
 MAC = NIC.mac
@@ -218,3 +218,9 @@ def test_netplan_renders_the_rewritten_yaml_as_a_bridge(tmp_path: Path, text: st
     bridge = (out / "10-netplan-br0.network").read_text()
     assert ("DHCP=yes" in bridge) == ("dhcp4" in text)
     assert ("Address=198.18.0.10/24" in bridge) == ("addresses" in text)
+
+
+def test_readopt_waits_for_the_nics_global_addresses() -> None:
+    state = host_with([addr("198.18.0.10/24"), addr("fe80::1/64"), addr("2001:db8::10/64")], [], [])
+    a = netplan.adoption(view((LAB, DHCP)), state, "br0")
+    assert a.addresses == ("198.18.0.10", "2001:db8::10")
