@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bridge_migrate.compare import differences
 from bridge_migrate.handover import Handover, cloudinit, netplan
 from bridge_migrate.handover import plan as plan_handover
 from bridge_migrate.handover.files import ABSENT, FileChange, FileState
-from shapes import NIC, addr, host_with
+from bridge_migrate.model import AF_INET6, HostState
+from shapes import NIC, addr, host_with, route
 
 STATE = host_with([], [], [])
 MAC = NIC.mac
@@ -224,3 +226,15 @@ def test_readopt_waits_for_the_nics_global_addresses() -> None:
     state = host_with([addr("198.18.0.10/24"), addr("fe80::1/64"), addr("2001:db8::10/64")], [], [])
     a = netplan.adoption(view((LAB, DHCP)), state, "br0")
     assert a.addresses == ("198.18.0.10", "2001:db8::10")
+
+
+def test_a_manager_configuring_the_nic_again_may_have_learnt_its_ra_routes_again() -> None:
+    """After readopt, networkd re-learns RA routes: their expiry is fresh, not the snapshot's
+    run down by the age (a rollback wrongly ended exit 5 on that)."""
+
+    def state(expires: int) -> HostState:
+        ra = route("2001:db8::/64", None, family=AF_INET6, protocol=9, expires=expires)
+        return host_with([], [ra], [])
+
+    assert differences(state(1795), state(1800), 5.0, managed=True) == ()
+    assert differences(state(1795), state(1800), 5.0) != ()

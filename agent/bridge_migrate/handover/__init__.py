@@ -17,7 +17,7 @@ from typing import assert_never
 from ..model import HostState
 from ..owner import Manager, Owner
 from . import cloudinit, netplan, networkd
-from .files import FileChange
+from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
@@ -36,6 +36,31 @@ class Handover:
 class Reading:
     views: tuple[View, ...]
     unsupported: tuple[Owner, ...]  # owners no hand-over is known for: refused by owner.py
+
+
+# The unit that configures the NIC from the manager's files at boot. While a transaction is
+# pending, a drop-in has it run `bridge-migrate recover` first: after a restart in the middle of
+# one, the manager's files are put back before the manager reads them.
+BOOT_UNITS = {
+    Manager.NETWORKD: "systemd-networkd.service",
+    Manager.NETWORKMANAGER: "NetworkManager.service",
+    Manager.IFUPDOWN: "networking.service",
+}
+RECOVER = (
+    "# Written by bridge-migrate while a transaction is pending, removed when it ends: after a\n"
+    "# restart in the middle of one, the network manager's files go back before it starts.\n"
+    "[Service]\nExecStartPre=+-bridge-migrate recover\n"
+)
+
+
+def recover_drop_ins(managers: set[Manager]) -> tuple[FileChange, ...]:
+    units = sorted({BOOT_UNITS[m] for m in managers if m in BOOT_UNITS})
+    return tuple(
+        FileChange(
+            f"/etc/systemd/system/{unit}.d/bridge-migrate-recover.conf", ABSENT, FileState(RECOVER)
+        )
+        for unit in units
+    )
 
 
 class HandoverError(Exception):
@@ -120,6 +145,22 @@ def adopt(a: Adoption, until: float) -> None:
             case _:
                 assert_never(a)
     except (networkd.NetworkdError, netplan.NetplanError) as e:
+        raise HandoverError(str(e)) from e
+
+
+def restored(a: Adoption, until: float) -> None:
+    """The manager's files are back after a restart cut a transaction short, before the manager
+    starts (`bridge-migrate recover`): what was rendered from the rewritten ones at boot is
+    rendered again from them."""
+    try:
+        match a:
+            case netplan.NetplanAdoption():
+                netplan.generate(until)  # its generator ran at boot, on the rewritten YAML
+            case networkd.NetworkdAdoption() | cloudinit.CloudInitAdoption():
+                pass  # they read their files when they start
+            case _:
+                assert_never(a)
+    except netplan.NetplanError as e:
         raise HandoverError(str(e)) from e
 
 

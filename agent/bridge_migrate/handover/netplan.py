@@ -370,12 +370,12 @@ def _networkd(a: NetplanAdoption) -> networkd.NetworkdAdoption:
 
 
 def generate(until: float) -> None:
-    """`netplan generate`: networkd's files in /run, from the YAML as it is now. systemd runs
-    it as a transient service of its own: netplan also writes udev rules and units under /run,
-    which the agent's unit sandbox keeps read-only (and must)."""
+    """`netplan generate`: networkd's files in /run, from the YAML as it is now. netplan also
+    writes udev rules and units under /run: where /run is read-only (the agent's unit sandbox,
+    and it must be), systemd runs it as a transient service of its own."""
     left = max(0.1, min(_GENERATE_TIMEOUT, until - time.monotonic()))
     argv = ["netplan", "generate"]
-    if Path(_SYSTEMD).is_dir():
+    if not os.access("/run", os.W_OK) and Path(_SYSTEMD).is_dir():
         argv = [
             "systemd-run",
             "--quiet",
