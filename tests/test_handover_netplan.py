@@ -252,3 +252,28 @@ def test_a_nic_defined_in_two_yaml_files_is_refused_with_the_manual_way() -> Non
         assert "Nothing was changed" in said
         assert _files(booted) == before and global_addresses(booted, "eth0") >= owned
         assert not global_addresses(booted, "br0")
+
+
+def test_a_restart_mid_transaction_boots_netplan_on_the_nic_with_the_yaml_back() -> None:
+    """netplan's generator renders the rewritten YAML at boot, before anything of ours runs:
+    `bridge-migrate recover` (networkd's ExecStartPre, from the hand-over's drop-in) puts the
+    YAML back and renders it again before networkd starts."""
+    r = row("netplan-dhcp")
+    wrapper = {"/usr/local/bin/bridge-migrate": (f'#!/bin/sh\nexec {AGENT} "$@"\n', 0o755)}
+    with booted_lab(r, files=wrapper) as booted:
+        configured(booted, r)
+        before = _files(booted)
+        owned = global_addresses(booted, "eth0")
+        pending = _agent(booted, "apply", "--timeout", "20", "--confirm-within", "300")
+        assert pending.returncode == ExitCode.OK, pending.stdout + pending.stderr
+        booted.crash()  # a power cut inside the confirmation window
+        booted.boot(plug_first=True)
+        _until(lambda: global_addresses(booted, "eth0") >= owned)
+        assert global_addresses(booted, "eth0") >= owned, "booted on the NIC"
+        assert not global_addresses(booted, "br0")
+        assert _files(booted) == before
+        assert not booted.host.path("/run/systemd/network/10-netplan-br0.netdev").exists()
+        _until(lambda: _states(booted).get("eth0") == "configured")
+        assert _states(booted) == {"lo": "unmanaged", "eth0": "configured"}
+        tx = Store(booted.outside(STATE)).load()
+        assert tx is not None and tx.phase == Phase.INTERRUPTED, tx
