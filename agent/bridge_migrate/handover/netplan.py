@@ -372,22 +372,25 @@ def _networkd(a: NetplanAdoption) -> networkd.NetworkdAdoption:
 def generate(until: float) -> None:
     """`netplan generate`: networkd's files in /run, from the YAML as it is now. netplan also
     writes udev rules and units under /run: where /run is read-only (the agent's unit sandbox,
-    and it must be), systemd runs it as a transient service of its own."""
+    and it must be), systemd runs it as a transient service of its own, whose output goes to
+    the journal (handing it our pipes kept them open past its end)."""
     left = max(0.1, min(_GENERATE_TIMEOUT, until - time.monotonic()))
-    argv = ["netplan", "generate"]
+    argv, unit = ["netplan", "generate"], ""
     if not os.access("/run", os.W_OK) and Path(_SYSTEMD).is_dir():
+        unit = f"bridge-migrate-netplan-generate-{os.getpid()}-{time.monotonic_ns()}"
         argv = [
             "systemd-run",
             "--quiet",
             "--wait",
             "--collect",
-            "--pipe",
             "--service-type=oneshot",
-            f"--unit=bridge-migrate-netplan-generate-{os.getpid()}-{time.monotonic_ns()}",
+            f"--unit={unit}",
             f"--property=RuntimeMaxSec={math.ceil(left)}",
             "--",
             *argv,
         ]
+    # Not our service manager's notification socket: a child that notifies would be refused.
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     try:
         done = subprocess.run(
             argv,
@@ -396,9 +399,13 @@ def generate(until: float) -> None:
             text=True,
             timeout=left + 5,
             check=False,
+            env=env,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NetplanError(f"netplan generate: {e}") from e
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()
-        raise NetplanError(f"netplan generate failed ({done.returncode}): {' '.join(said[-3:])}")
+        where = f" (its output: journalctl -u {unit})" if unit else ""
+        raise NetplanError(
+            f"netplan generate failed ({done.returncode}){where}: {' '.join(said[-3:])}"
+        )
