@@ -4,7 +4,9 @@ cannot be moved as it is is refused with the reason."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import yaml
 from bridge_migrate.compare import differences
 from bridge_migrate.handover import Handover, cloudinit, netplan
 from bridge_migrate.handover import plan as plan_handover
-from bridge_migrate.handover.files import ABSENT, FileChange, FileState
+from bridge_migrate.handover.files import ABSENT, FileChange, FileState, write_states
 from bridge_migrate.model import AF_INET6, HostState
 from shapes import NIC, addr, host_with, route
 
@@ -238,3 +240,18 @@ def test_a_manager_configuring_the_nic_again_may_have_learnt_its_ra_routes_again
 
     assert differences(state(1795), state(1800), 5.0, managed=True) == ()
     assert differences(state(1795), state(1800), 5.0) != ()
+
+
+def test_new_dropin_directories_are_readable_by_the_manager_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    """The agent's unit runs with UMask=0077; networkd reads drop-ins as its own user."""
+    target = tmp_path / "run/systemd/network/10-netplan-br0.network.d/x.conf"
+    old = os.umask(0o077)
+    try:
+        write_states([FileChange(str(target), ABSENT, FileState("[Network]\n", 0o644))])
+    finally:
+        os.umask(old)
+    for d in (target.parent, target.parent.parent, tmp_path / "run"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
