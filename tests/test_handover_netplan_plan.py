@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -224,9 +225,11 @@ def test_netplan_renders_the_rewritten_yaml_as_a_bridge(tmp_path: Path, text: st
     assert ("Address=198.18.0.10/24" in bridge) == ("addresses" in text)
 
 
-def test_readopt_waits_for_the_nics_global_addresses() -> None:
-    state = host_with([addr("198.18.0.10/24"), addr("fe80::1/64"), addr("2001:db8::10/64")], [], [])
-    a = netplan.adoption(view((LAB, DHCP)), state, "br0")
+def test_readopt_waits_for_the_global_addresses_networkd_had_configured() -> None:
+    held = [addr("198.18.0.10/24"), addr("fe80::1/64"), addr("2001:db8::10/64"), addr("10.9.9.9/8")]
+    owned = ("198.18.0.10", "2001:db8::10", "fe80::1")  # 10.9.9.9: added by hand, foreign
+    v = replace(view((LAB, DHCP)), owned=owned)
+    a = netplan.adoption(v, host_with(held, [], []), "br0")
     assert a.addresses == ("198.18.0.10", "2001:db8::10")
 
 

@@ -28,6 +28,8 @@ puts it back byte for byte.
 from __future__ import annotations
 
 import copy
+import ipaddress
+import json
 import math
 import os
 import subprocess
@@ -37,8 +39,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
-from pyroute2 import IPRoute
+from jeepney import DBusAddress
+from jeepney.io.blocking import DBusConnection
 
+from ..bus import BusError, call, system_bus
 from ..model import HostState
 from . import networkd
 from .files import ABSENT, FileChange, FileState, read_state
@@ -53,6 +57,7 @@ _IDENTITY = "50-bridge-migrate.conf"  # not networkd.ADOPT_DROP_IN: the same nam
 _GENERATE_TIMEOUT = 30.0
 _SYSTEMD = "/run/systemd/system"  # systemd runs (sd_booted)
 _POLL = 0.05
+_NETWORKD = "org.freedesktop.network1"
 _DEVICE_TYPES = (
     "ethernets",
     "bonds",
@@ -102,6 +107,7 @@ class NetplanView:
     yaml: tuple[tuple[str, FileState], ...]  # every netplan file, by path
     iaid: int | None  # the IAID of the NIC's DHCP clients (networkd's), when they run
     targets: tuple[tuple[str, FileState], ...]  # our drop-ins for the bridge, as they are
+    owned: tuple[str, ...] = ()  # the NIC's addresses networkd configured (not foreign)
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,17 @@ def read(network_file: str, nic: str, bridge: str, ifindex: int) -> NetplanView:
         yaml=tuple((str(p), read_state(p)) for p in paths),
         iaid=networkd.link_iaid(ifindex),
         targets=tuple((p, read_state(p)) for p in dropins(bridge)),
+        owned=_owned_now(nic),
     )
+
+
+def _owned_now(nic: str) -> tuple[str, ...]:
+    """What networkd counts as its own on the NIC now; nothing if it cannot be asked."""
+    try:
+        with system_bus() as conn:
+            return tuple(sorted(_owned(_describe(conn, nic))))
+    except BusError:
+        return ()
 
 
 # -- the plan (pure) ------------------------------------------------------------------------
@@ -175,8 +191,12 @@ def plan(view: NetplanView, state: HostState, bridge: str) -> tuple[FileChange, 
 
 
 def adoption(view: NetplanView, state: HostState, bridge: str) -> NetplanAdoption:
+    """How networkd takes the bridge, and gives the NIC back: with the global addresses it
+    had configured on the NIC (an address someone added by hand stays foreign to it)."""
     nic = view.nic
-    held = tuple(a.address for a in state.addresses_on(nic) if a.is_global)
+    held = tuple(
+        a.address for a in state.addresses_on(nic) if a.is_global and a.address in view.owned
+    )
     return NetplanAdoption(nic, bridge, generated(bridge), view.network_file, held)
 
 
@@ -354,15 +374,35 @@ def readopt(a: NetplanAdoption, until: float) -> None:
 
 
 def _wait_addresses(nic: str, want: set[str], until: float) -> list[str]:
-    """The addresses of `want` still missing on `nic` once all are there or time is up."""
-    with IPRoute() as ipr:
-        while True:
-            (index,) = ipr.link_lookup(ifname=nic) or (0,)
-            held = {m.get("IFA_ADDRESS") for m in ipr.get_addr(index=index)} if index else set()
-            missing = sorted(want - held)
-            if not missing or time.monotonic() >= until:
-                return missing
-            time.sleep(_POLL)
+    """The addresses of `want` that networkd does not yet count as its own on `nic` (a DHCP
+    lease, a router's advertisement, its static configuration) once all are, or time is up:
+    the ones the rollback put back are "foreign" to it until it has acquired them again."""
+    try:
+        with system_bus() as conn:
+            while True:
+                missing = sorted(want - _owned(_describe(conn, nic)))
+                if not missing or time.monotonic() >= until:
+                    return missing
+                time.sleep(_POLL)
+    except BusError as e:
+        raise NetplanError(f"systemd-networkd: {e}") from e
+
+
+def _describe(conn: DBusConnection, nic: str) -> dict[str, Any]:
+    manager = DBusAddress("/org/freedesktop/network1", _NETWORKD, f"{_NETWORKD}.Manager")
+    path = call(conn, manager, "GetLinkByName", "s", nic)[1]
+    described = call(conn, DBusAddress(path, _NETWORKD, f"{_NETWORKD}.Link"), "Describe")[0]
+    found: dict[str, Any] = json.loads(described)
+    return found
+
+
+def _owned(described: dict[str, Any]) -> set[str]:
+    """The addresses networkd's Link.Describe lists as configured by networkd itself."""
+    return {
+        str(ipaddress.ip_address(bytes(a["Address"])))
+        for a in described.get("Addresses", [])
+        if a.get("ConfigSource") not in (None, "foreign")
+    }
 
 
 def _networkd(a: NetplanAdoption) -> networkd.NetworkdAdoption:
