@@ -16,13 +16,13 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import networkd
+from . import networkd, networkmanager
 from .files import FileChange
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
-View = networkd.NetworkdView
-Adoption = networkd.NetworkdAdoption
+View = networkd.NetworkdView | networkmanager.NetworkManagerView
+Adoption = networkd.NetworkdAdoption | networkmanager.NetworkManagerAdoption
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,10 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
         match owner.manager:
             case Manager.NETWORKD if not owner.generator:
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
+            case Manager.NETWORKMANAGER:
+                views.append(networkmanager.read(nic, bridge))
             case (
                 Manager.NETWORKD
-                | Manager.NETWORKMANAGER
                 | Manager.IFUPDOWN
                 | Manager.DHCLIENT
                 | Manager.DHCPCD
@@ -75,6 +76,11 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 view.nic, bridge, bridge_network, view.network_file
             )
             return Handover(Manager.NETWORKD, files, adoption)
+        case networkmanager.NetworkManagerView():
+            planned = networkmanager.plan(view, state, bridge)
+            if isinstance(planned, str):
+                return planned
+            return Handover(Manager.NETWORKMANAGER, *planned)
         case _:
             assert_never(view)
 
@@ -83,6 +89,8 @@ def manager_of(view: View) -> Manager:
     match view:
         case networkd.NetworkdView():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerView():
+            return Manager.NETWORKMANAGER
         case _:
             assert_never(view)
 
@@ -91,8 +99,13 @@ def manager_of_adoption(a: Adoption) -> Manager:
     match a:
         case networkd.NetworkdAdoption():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerAdoption():
+            return Manager.NETWORKMANAGER
         case _:
             assert_never(a)
+
+
+_ERRORS = (networkd.NetworkdError, networkmanager.NetworkManagerError)
 
 
 def adopt(a: Adoption, until: float) -> None:
@@ -101,9 +114,25 @@ def adopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.adopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.adopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except _ERRORS as e:
+        raise HandoverError(str(e)) from e
+
+
+def release(a: Adoption, until: float) -> None:
+    """The manager lets go of the bridge, before the rollback's netlink inverses."""
+    try:
+        match a:
+            case networkd.NetworkdAdoption():
+                pass  # networkd reads its files only when told (readopt): nothing to let go
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.release(a, until)
+            case _:
+                assert_never(a)
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
 
 
@@ -112,7 +141,9 @@ def readopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.readopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.readopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
