@@ -76,6 +76,7 @@ def view(text: str = DHCP, **kw: object) -> nm.NetworkManagerView:
         "duid": "00:04:27:cb:05:6e:a5:16:5e:c8:d3:00:70:cf:78:98:a1:28",
         "iaid": "2b:50:67:35",
         "vpns": (),
+        "others": (),
         "unit": nm.UNIT,
         "targets": tuple((p, ABSENT) for p in nm.profile_files("eth0", "br0")),
         **kw,
@@ -209,6 +210,7 @@ VLAN = nm.Profile(
         ({"external": True}, "only watches eth0"),
         ({"unit": "nm.service"}, "does not run as NetworkManager.service"),
         ({"vpns": ("office",)}, "office are active"),
+        ({"others": ("wifi (802-11-wireless) on wlan0",)}, "other profiles active (wifi"),
         ({"profile": WIFI}, "only Ethernet"),
         (
             {"profile": replace(LAB, filename="/etc/sysconfig/network-scripts/ifcfg-eth0")},

@@ -92,6 +92,7 @@ class NetworkManagerView:
     duid: str  # ... and its DHCPv6 client
     iaid: str  # "2b:50:67:35" as NetworkManager shows it
     vpns: tuple[str, ...]  # active VPN profiles: a restart would end them
+    others: tuple[str, ...]  # other devices' active profiles ("id (type) on dev")
     unit: str  # the systemd unit it runs as ("" unknown)
     targets: tuple[tuple[str, FileState], ...]  # the new profiles' files, as they are now
 
@@ -127,7 +128,9 @@ def read(nic: str, bridge: str) -> NetworkManagerView:
         with system_bus() as conn:
             return _read(conn, nic, targets)
     except BusError as e:
-        return NetworkManagerView(nic, str(e), None, False, ABSENT, (), "", "", "", (), "", targets)
+        return NetworkManagerView(
+            nic, str(e), None, False, ABSENT, (), "", "", "", (), (), "", targets
+        )
 
 
 def _read(
@@ -145,6 +148,7 @@ def _read(
         keyfile = read_state(profile.filename) if profile.filename else ABSENT
     dhcp4 = _options(conn, _get(conn, device, ".Device", "Dhcp4Config"), ".DHCP4Config")
     dhcp6 = _options(conn, _get(conn, device, ".Device", "Dhcp6Config"), ".DHCP6Config")
+    vpns, others = _other_active(conn, active)
     return NetworkManagerView(
         nic=nic,
         unreadable="",
@@ -155,7 +159,8 @@ def _read(
         client_id=dhcp4.get("dhcp_client_identifier", ""),
         duid=dhcp6.get("dhcp6_client_id", ""),
         iaid=dhcp6.get("iaid", ""),
-        vpns=_vpns(conn),
+        vpns=vpns,
+        others=others,
         unit=_unit_of(conn),
         targets=targets,
     )
@@ -195,13 +200,23 @@ def _options(conn: DBusConnection, path: str, interface: str) -> dict[str, str]:
     return {k: str(v) for k, v in _plain(_get(conn, path, interface, "Options")).items()}
 
 
-def _vpns(conn: DBusConnection) -> tuple[str, ...]:
-    active = _get(conn, _ROOT, "", "ActiveConnections")
-    return tuple(
-        str(_get(conn, a, ".Connection.Active", "Id"))
-        for a in active
-        if _get(conn, a, ".Connection.Active", "Vpn")
-    )
+def _other_active(conn: DBusConnection, own: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The active VPN profiles, and NetworkManager's own active profiles on other devices
+    (those it only watches, and the loopback, excepted): a restart would touch them all."""
+    a = ".Connection.Active"
+    vpns, others = [], []
+    for path in _get(conn, _ROOT, "", "ActiveConnections"):
+        if path == own or _get(conn, path, a, "StateFlags") & _EXTERNAL:
+            continue
+        name, kind = str(_get(conn, path, a, "Id")), str(_get(conn, path, a, "Type"))
+        if _get(conn, path, a, "Vpn"):
+            vpns.append(name)
+        elif kind != "loopback":
+            devices = [
+                str(_get(conn, d, ".Device", "Interface")) for d in _get(conn, path, a, "Devices")
+            ]
+            others.append(f"{name} ({kind}) on {', '.join(devices) or 'no device'}")
+    return tuple(vpns), tuple(others)
 
 
 def _unit_of(conn: DBusConnection) -> str:
@@ -284,6 +299,12 @@ def _checked(view: NetworkManagerView) -> tuple[Profile, tuple[Section, ...]] | 
         return (
             f"VPN connection(s) {', '.join(view.vpns)} are active: NetworkManager is restarted "
             "once to take the bridge over, which would end them"
+        )
+    if view.others:
+        return (
+            f"NetworkManager has other profiles active ({'; '.join(view.others)}): it is "
+            f"restarted once to take the bridge over, and this hand-over is for a host whose "
+            f"one NIC it manages"
         )
     if profile.type != _ETHERNET:
         return f"profile {profile.id!r} is of type {profile.type}: only Ethernet is handed over"
