@@ -123,14 +123,18 @@ def _port_id(nic: str, bridge: str) -> str:
 
 
 def read(nic: str, bridge: str) -> NetworkManagerView:
-    targets = tuple((p, read_state(p)) for p in profile_files(nic, bridge))
     try:
+        targets = tuple((p, read_state(p)) for p in profile_files(nic, bridge))
         with system_bus() as conn:
             return _read(conn, nic, targets)
     except BusError as e:
-        return NetworkManagerView(
-            nic, str(e), None, False, ABSENT, (), "", "", "", (), (), "", targets
-        )
+        return _unreadable(nic, str(e))
+    except OSError as e:  # its profiles are root's (0600): `plan` as another user
+        return _unreadable(nic, f"{e.filename}: {e.strerror} (as root it can be read)")
+
+
+def _unreadable(nic: str, why: str) -> NetworkManagerView:
+    return NetworkManagerView(nic, why, None, False, ABSENT, (), "", "", "", (), (), "", ())
 
 
 def _read(
