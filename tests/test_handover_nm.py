@@ -237,3 +237,26 @@ def test_a_vlan_on_the_nic_is_refused_with_nothing_changed() -> None:
         assert "Nothing was changed" in apply.stderr
         assert _files(booted) == before_files
         assert_unchanged(before, read_view(booted.lab.host_ns))
+
+
+def test_a_power_cut_mid_transaction_boots_networkmanager_on_the_nic() -> None:
+    """The recover drop-in of NetworkManager.service puts its profiles back before it starts."""
+    wrapper = {"/usr/local/bin/bridge-migrate": (f'#!/bin/sh\nexec {AGENT} "$@"\n', 0o755)}
+    with booted_lab(STATIC, files=wrapper) as booted:
+        configured(booted, STATIC)
+        before_files = _files(booted)
+        owned = global_addresses(booted, "eth0")
+        pending = _agent(booted, "apply", "--timeout", "20", "--confirm-within", "300")
+        assert pending.returncode == ExitCode.OK, pending.stdout + pending.stderr
+        assert _devices(booted)["br0"] == ("connected", "br0")
+        booted.crash()
+        booted.boot(plug_first=True)
+        deadline = time.monotonic() + _SETTLE
+        while global_addresses(booted, "eth0") < owned and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert global_addresses(booted, "eth0") >= owned, "booted on the NIC"
+        assert _devices(booted)["eth0"] == ("connected", "lab-static")
+        assert "br0" not in _devices(booted)
+        assert _files(booted) == before_files
+        tx = Store(booted.outside(STATE)).load()
+        assert tx is not None and tx.phase == Phase.INTERRUPTED, tx
