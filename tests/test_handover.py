@@ -79,6 +79,7 @@ def _enabled_units(booted: BootedLab) -> list[str]:
     return done.stdout.split()
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("r", HANDED, ids=[r.name for r in HANDED])
 def test_handed_over_host_survives_leases_restarts_and_reboots(r: ManagedRow) -> None:
     figures: list[str] = []

@@ -16,13 +16,23 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import cloudinit, netplan, networkd
+from . import cloudinit, netplan, networkd, networkmanager
 from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
-View = networkd.NetworkdView | netplan.NetplanView | cloudinit.CloudInitView
-Adoption = networkd.NetworkdAdoption | netplan.NetplanAdoption | cloudinit.CloudInitAdoption
+View = (
+    networkd.NetworkdView
+    | networkmanager.NetworkManagerView
+    | netplan.NetplanView
+    | cloudinit.CloudInitView
+)
+Adoption = (
+    networkd.NetworkdAdoption
+    | networkmanager.NetworkManagerAdoption
+    | netplan.NetplanAdoption
+    | cloudinit.CloudInitAdoption
+)
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,11 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
             case Manager.NETWORKD:  # its files are netplan's rendering
                 views.append(netplan.read(owner.source, nic, bridge, ifindex))
+            case Manager.NETWORKMANAGER:
+                views.append(networkmanager.read(nic, bridge))
             case Manager.CLOUD_INIT:
                 views.append(cloudinit.read(owner.source, nic))
-            case Manager.NETWORKMANAGER | Manager.IFUPDOWN | Manager.DHCLIENT | Manager.DHCPCD:
+            case Manager.IFUPDOWN | Manager.DHCLIENT | Manager.DHCPCD:
                 unsupported.append(owner)
             case _:
                 assert_never(owner.manager)
@@ -97,6 +109,11 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 view.nic, bridge, bridge_network, view.network_file
             )
             return Handover(Manager.NETWORKD, files, adoption)
+        case networkmanager.NetworkManagerView():
+            planned = networkmanager.plan(view, state, bridge)
+            if isinstance(planned, str):
+                return planned
+            return Handover(Manager.NETWORKMANAGER, *planned)
         case netplan.NetplanView():
             changes = netplan.plan(view, state, bridge)
             if isinstance(changes, str):
@@ -116,6 +133,8 @@ def manager_of(view: View) -> Manager:
     match view:
         case networkd.NetworkdView() | netplan.NetplanView():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerView():
+            return Manager.NETWORKMANAGER
         case cloudinit.CloudInitView():
             return Manager.CLOUD_INIT
         case _:
@@ -126,10 +145,15 @@ def manager_of_adoption(a: Adoption) -> Manager:
     match a:
         case networkd.NetworkdAdoption() | netplan.NetplanAdoption():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerAdoption():
+            return Manager.NETWORKMANAGER
         case cloudinit.CloudInitAdoption():
             return Manager.CLOUD_INIT
         case _:
             assert_never(a)
+
+
+_ERRORS = (networkd.NetworkdError, networkmanager.NetworkManagerError, netplan.NetplanError)
 
 
 def adopt(a: Adoption, until: float) -> None:
@@ -138,13 +162,15 @@ def adopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.adopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.adopt(a, until)
             case netplan.NetplanAdoption():
                 netplan.adopt(a, until)
             case cloudinit.CloudInitAdoption():
                 cloudinit.adopt(a, until)
             case _:
                 assert_never(a)
-    except (networkd.NetworkdError, netplan.NetplanError) as e:
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
 
 
@@ -156,11 +182,31 @@ def restored(a: Adoption, until: float) -> None:
         match a:
             case netplan.NetplanAdoption():
                 netplan.generate(until)  # its generator ran at boot, on the rewritten YAML
-            case networkd.NetworkdAdoption() | cloudinit.CloudInitAdoption():
+            case (
+                networkd.NetworkdAdoption()
+                | networkmanager.NetworkManagerAdoption()
+                | cloudinit.CloudInitAdoption()
+            ):
                 pass  # they read their files when they start
             case _:
                 assert_never(a)
-    except netplan.NetplanError as e:
+    except _ERRORS as e:
+        raise HandoverError(str(e)) from e
+
+
+def release(a: Adoption, until: float) -> None:
+    """The manager lets go of the bridge, before the rollback's netlink inverses."""
+    try:
+        match a:
+            case networkd.NetworkdAdoption() | netplan.NetplanAdoption():
+                pass  # networkd reads its files only when told (readopt): nothing to let go
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.release(a, until)
+            case cloudinit.CloudInitAdoption():
+                pass  # it runs at boot only
+            case _:
+                assert_never(a)
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
 
 
@@ -169,11 +215,13 @@ def readopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.readopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.readopt(a, until)
             case netplan.NetplanAdoption():
                 netplan.readopt(a, until)
             case cloudinit.CloudInitAdoption():
                 cloudinit.readopt(a, until)
             case _:
                 assert_never(a)
-    except (networkd.NetworkdError, netplan.NetplanError) as e:
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
