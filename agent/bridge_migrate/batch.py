@@ -15,9 +15,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import netfilter, sysctl
+from . import handover, netfilter, sysctl
 from .encode import Resolve, encode, is_netlink
-from .plan import Op, RestoreFirewall, RewriteFirewall, SetMaster, SetSysctl
+from .handover.files import FileError, write_states
+from .plan import (
+    Adopt,
+    Op,
+    Readopt,
+    RestoreConfig,
+    RestoreFirewall,
+    RewriteFirewall,
+    SetMaster,
+    SetSysctl,
+    WriteConfig,
+)
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
@@ -80,10 +91,13 @@ class BatchError(OSError):
     """The batch could not be sent or its ACKs not all read: what the kernel did is unknown."""
 
 
-def send_batch(ops: Sequence[Op], resolve: Resolve, age: float = 0.0) -> BatchResult:
+def send_batch(
+    ops: Sequence[Op], resolve: Resolve, age: float = 0.0, until: float | None = None
+) -> BatchResult:
     """Run `ops` in order and return the outcome of each: every run of netlink operations as
-    one buffer, a setting that only /proc/sys takes (or an nftables transaction) on its own
-    where it stands. The time counted is the kernel's: from each send to its last ACK."""
+    one buffer, a setting that only /proc/sys takes (or an nftables transaction, a manager's
+    files or the manager itself) on its own where it stands. The time counted is the kernel's:
+    from each send to its last ACK. `until` (monotonic) bounds a manager's adoption."""
     outcomes: list[Outcome] = []
     seconds = 0.0
     for netlink, group in itertools.groupby(ops, key=is_netlink):
@@ -95,13 +109,14 @@ def send_batch(ops: Sequence[Op], resolve: Resolve, age: float = 0.0) -> BatchRe
         else:
             for op in run:
                 started = time.perf_counter()
-                outcomes.append(_run_alone(op))
+                outcomes.append(_run_alone(op, until))
                 seconds += time.perf_counter() - started
     return BatchResult(tuple(outcomes), seconds)
 
 
-def _run_alone(op: Op) -> Outcome:
-    """An operation that is not a netlink message: a /proc/sys write, an nftables transaction."""
+def _run_alone(op: Op, until: float | None) -> Outcome:
+    """An operation that is not a netlink message: a /proc/sys write, an nftables transaction,
+    a manager's files or the manager itself."""
     match op:
         case SetSysctl():
             return Outcome(op, sysctl.write(op.sysctl), "")
@@ -109,7 +124,27 @@ def _run_alone(op: Op) -> Outcome:
             return _nft_outcome(op, netfilter.apply_change(op.change))
         case RestoreFirewall():
             return _nft_outcome(op, netfilter.undo_change(op.change))
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+            return _handover_outcome(op, until or time.monotonic() + handover.WAIT)
     raise ValueError(f"a netlink operation: {op}")
+
+
+def _handover_outcome(op: WriteConfig | RestoreConfig | Adopt | Readopt, until: float) -> Outcome:
+    try:
+        match op:
+            case WriteConfig():
+                write_states(op.files)
+            case RestoreConfig():
+                write_states(f.inverse() for f in op.files)
+            case Adopt():
+                handover.adopt(op.adoption, until)
+            case Readopt():
+                handover.readopt(op.adoption, until)
+    except OSError as e:
+        return Outcome(op, e.errno or errno.EIO, f"{e.filename or ''}: {e.strerror}")
+    except (FileError, handover.HandoverError) as e:
+        return Outcome(op, errno.EPROTO, str(e))
+    return Outcome(op, 0, "")
 
 
 def _nft_outcome(op: Op, result: netfilter.NftResult) -> Outcome:

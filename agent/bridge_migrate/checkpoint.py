@@ -145,13 +145,15 @@ class Checkpoint:
 
     # -- the work -------------------------------------------------------------------------
 
-    def send(self, steps: tuple[Step, ...], resolve: Resolve) -> BatchResult:
+    def send(
+        self, steps: tuple[Step, ...], resolve: Resolve, until: float | None = None
+    ) -> BatchResult:
         """One send of the plan; every acknowledged step is remembered for the rollback."""
-        result = send_batch([s.do for s in steps], resolve)
+        result = send_batch([s.do for s in steps], resolve, until=until)
         self.done += _succeeded(steps, result)
         return result
 
-    def take_over(self, p: Prepared) -> None:
+    def take_over(self, p: Prepared, deadline: Deadline) -> None:
         """The plan's sends (for a takeover: create the bridge, copy the settings, make the
         additions), a wait until the kernel has the device that takes the addresses ready to
         send, the disruptive batch, and the check of the host against the plan."""
@@ -180,6 +182,21 @@ class Checkpoint:
         boundary("batch")
         _require(result)
         self.check(p)
+        if plan.handover:
+            self.hand_over(plan.handover, resolve, deadline)
+
+    def hand_over(self, steps: tuple[Step, ...], resolve: Resolve, deadline: Deadline) -> None:
+        """The managers' files rewritten, then each manager adopts the bridge (within the
+        deadline the probes share)."""
+        started = time.perf_counter()
+        result = self.send(steps, resolve, deadline.monotonic)
+        self.report.phase("handover", started, _acked(steps, result))
+        boundary("handover")
+        if _failures(result):
+            # A manager that failed to adopt may have taken part of the new state: every
+            # inverse runs (each tolerates finding its work not done).
+            self.done = self.tx.plan.steps
+        _require(result)
 
     def check(self, p: Prepared) -> None:
         started = time.perf_counter()

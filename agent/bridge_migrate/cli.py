@@ -30,7 +30,7 @@ from .contract import (
 from .errors import Failure, UsageError
 from .events import printable
 from .guest import parse_guest
-from .plan import RewriteFirewall
+from .plan import RewriteFirewall, WriteConfig
 from .preflight import check_name, check_timeout
 from .record import Store, Transaction, check_id, current_boot_id
 from .report import Output, Report
@@ -305,12 +305,16 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
         *((f"tune {i:>2}", s) for i, s in enumerate(plan.tune, 1)),
         *((f"make {i:>2}", s) for i, s in enumerate(plan.make, 1)),
         *((f"batch{i:>2}", s) for i, s in enumerate(plan.batch, 1)),
+        *((f"hand {i:>2}", s) for i, s in enumerate(plan.handover, 1)),
     ]
     for label, step in steps:
         report.note(f"{label} {step.do!s:<60}  undo: {step.undo}")
         if isinstance(step.do, RewriteFirewall):
             for rewrite in step.do.change.rewrites:
                 report.note(f"        nftables {rewrite}")
+        if isinstance(step.do, WriteConfig):
+            for change in step.do.files:
+                report.note(f"        {change}")
     report.note("verify  " + ", ".join(str(p) for p in prepared.probes))
     report.finish(ExitCode.OK, "plan", "nothing was changed")
     return ExitCode.OK

@@ -31,17 +31,21 @@ from .netfilter import same_rule
 LIFETIME_SLACK = 2  # seconds: lifetimes tick while we work
 
 
-def differences(expected: HostState, actual: HostState, age: float = 0.0) -> tuple[str, ...]:
+def differences(
+    expected: HostState, actual: HostState, age: float = 0.0, *, learned_may_go: bool = False
+) -> tuple[str, ...]:
     """Human-readable lines, one per difference; empty when the states agree.
 
     `age`: seconds between the two readings, by which finite lifetimes may have run down.
+    `learned_may_go`: learned neighbour entries may be missing (a manager that configured the
+    device again may have flushed them).
     """
     return (
         *_link_differences(expected.nic, actual.nic),
         *_bridge_differences(expected.bridge, actual.bridge),
         *_address_differences(expected, actual, age),
         *_route_differences(expected, actual, age),
-        *_neighbour_differences(expected, actual),
+        *_neighbour_differences(expected, actual, learned_may_go),
         *_rule_differences(expected, actual),
         *_sysctl_differences(expected, actual),
         *_firewall_differences(expected, actual),
@@ -178,10 +182,14 @@ def _sysctl_differences(expected: HostState, actual: HostState) -> Iterable[str]
             yield f"{s.path} is {value}, expected {s.value}"
 
 
-def _neighbour_differences(expected: HostState, actual: HostState) -> Iterable[str]:
+def _neighbour_differences(
+    expected: HostState, actual: HostState, learned_may_go: bool
+) -> Iterable[str]:
     have = {(n.dev, n.dst, n.is_proxy): n for n in actual.neighbours}
     for n in expected.neighbours:
         h = have.get((n.dev, n.dst, n.is_proxy))
+        if h is None and learned_may_go and not (n.is_static or n.is_proxy):
+            continue
         if h is None:
             yield f"neighbour {n} is missing"
         elif h.lladdr != n.lladdr:

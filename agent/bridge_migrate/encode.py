@@ -38,10 +38,12 @@ from .model import (
     Rule,
 )
 from .plan import (
+    NOT_NETLINK,
     AddAddress,
     AddNeighbour,
     AddRoute,
     AddRule,
+    Adopt,
     CreateBridge,
     DelAddress,
     DeleteBridge,
@@ -49,11 +51,14 @@ from .plan import (
     DelRoute,
     DelRule,
     Op,
+    Readopt,
     ReplaceRoute,
+    RestoreConfig,
     RestoreFirewall,
     RewriteFirewall,
     SetMaster,
     SetSysctl,
+    WriteConfig,
 )
 from .sysctl import IPV4_DEVCONF, by_netlink
 
@@ -115,7 +120,9 @@ def _message(op: Op, resolve: Resolve, age: float) -> tuple[Any, int, int, Raw]:
             return _rule(op.rule), RTM_DELRULE, 0, []
         case SetSysctl():
             return _link(resolve(op.sysctl.dev)), RTM_NEWLINK, 0, _inet_conf(op)
-        case RewriteFirewall() | RestoreFirewall():
+        case RewriteFirewall() | RestoreFirewall() | WriteConfig() | RestoreConfig():
+            raise ValueError(f"not a netlink operation: {op}")
+        case Adopt() | Readopt():
             raise ValueError(f"not a netlink operation: {op}")
         case _:
             assert_never(op)
@@ -125,7 +132,7 @@ def is_netlink(op: Op) -> bool:
     """Sent in a netlink batch; the rest go through /proc/sys (IPv6 settings) or nftables."""
     if isinstance(op, SetSysctl):
         return by_netlink(op.sysctl)
-    return not isinstance(op, RewriteFirewall | RestoreFirewall)
+    return not isinstance(op, NOT_NETLINK)
 
 
 def _link(index: int) -> Any:

@@ -24,11 +24,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, assert_never
+from typing import assert_never
 
-from jeepney import DBusAddress, MessageType, new_method_call
-from jeepney.io.blocking import DBusConnection, open_dbus_connection
+from jeepney import DBusAddress
+from jeepney.io.blocking import DBusConnection
 
+from .bus import BusError, call, names, prop, socket_exists, system_bus
 from .model import AF_INET, FOREVER, Address, HostState
 
 
@@ -122,11 +123,19 @@ def describe(o: Ownership) -> list[str]:
     return lines
 
 
-def refusals(o: Ownership, bridge: str) -> list[str]:
-    """One per owner: the migration would be undone, and what to do by hand instead."""
-    return [
-        f"{o.nic} is managed by {owner}: {_alternative(owner, o, bridge)}" for owner in o.owners
-    ]
+def refusals(o: Ownership, bridge: str, owners: tuple[Owner, ...]) -> list[str]:
+    """One per owner of `owners` (those no hand-over is known for): the migration would be
+    undone, and what to do by hand instead."""
+    return [f"{o.nic} is managed by {owner}: {_alternative(owner, o, bridge)}" for owner in owners]
+
+
+def handover_refused(o: Ownership, owner: Manager, why: str, bridge: str) -> str:
+    """A hand-over that cannot be made on this host: why, and the manual way."""
+    of = next(x for x in o.owners if x.manager is owner)
+    return (
+        f"{o.nic} is managed by {of}, and its configuration cannot be handed over to {bridge}: "
+        f"{why}. {_alternative(of, o, bridge)}"
+    )
 
 
 def _alternative(owner: Owner, o: Ownership, bridge: str) -> str:
@@ -198,15 +207,8 @@ def _kind(a: Address) -> Addressing:
 
 # -- D-Bus: systemd-networkd and NetworkManager ---------------------------------------------
 
-_BUS_TIMEOUT = 2.0  # per call: a manager that does not answer in time is taken as absent
-_BUS = DBusAddress("/org/freedesktop/DBus", "org.freedesktop.DBus", "org.freedesktop.DBus")
 _NETWORKD = "org.freedesktop.network1"
 _NM = "org.freedesktop.NetworkManager"
-_PROPS = "org.freedesktop.DBus.Properties"
-
-
-class _BusError(Exception):
-    pass
 
 
 def _bus_runs(procs: list[tuple[int, list[str]]]) -> bool:
@@ -219,41 +221,26 @@ _BUS_DAEMONS = {"dbus-daemon", "dbus-broker"}
 
 
 def _ask_bus(nic: str) -> list[Owner]:
-    socket = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket")
-    if socket.startswith("unix:path=") and not os.path.exists(socket.removeprefix("unix:path=")):
+    if not socket_exists():
         return []  # no system bus: neither manager can run
     try:
-        with open_dbus_connection(bus="SYSTEM", auth_timeout=_BUS_TIMEOUT) as conn:
-            names = set(_call(conn, _BUS, "ListNames")[0])
-            owners = [_networkd(conn, nic)] if _NETWORKD in names else []
-            owners += [_networkmanager(conn, nic)] if _NM in names else []
-    except (OSError, TimeoutError, _BusError):
+        with system_bus() as conn:
+            found = names(conn)
+            owners = [_networkd(conn, nic)] if _NETWORKD in found else []
+            owners += [_networkmanager(conn, nic)] if _NM in found else []
+    except BusError:
         return []  # a bus we cannot use: nothing on it can be asked either
     return [o for o in owners if o is not None]
-
-
-def _call(conn: DBusConnection, where: DBusAddress, method: str, sig: str = "", *args: Any) -> Any:
-    reply = conn.send_and_get_reply(
-        new_method_call(where, method, sig or None, args), timeout=_BUS_TIMEOUT
-    )
-    if reply.header.message_type is MessageType.error:
-        raise _BusError(f"{where.bus_name} {method}: {reply.body}")
-    return reply.body
-
-
-def _prop(conn: DBusConnection, name: str, path: str, interface: str, prop: str) -> Any:
-    where = DBusAddress(path, name, _PROPS)
-    return _call(conn, where, "Get", "ss", interface, prop)[0][1]  # (signature, value)
 
 
 def _networkd(conn: DBusConnection, nic: str) -> Owner | None:
     manager = DBusAddress("/org/freedesktop/network1", _NETWORKD, f"{_NETWORKD}.Manager")
     try:
-        path = _call(conn, manager, "GetLinkByName", "s", nic)[1]
-    except _BusError:
+        path = call(conn, manager, "GetLinkByName", "s", nic)[1]
+    except BusError:
         return None  # networkd does not know the link
     link = DBusAddress(path, _NETWORKD, f"{_NETWORKD}.Link")
-    data = json.loads(_call(conn, link, "Describe")[0])
+    data = json.loads(call(conn, link, "Describe")[0])
     if data.get("AdministrativeState") in ("unmanaged", "linger", None):
         return None
     source = str(data.get("NetworkFile") or "no .network file")
@@ -301,26 +288,26 @@ _NM_V6 = {"manual": Addressing.STATIC, "auto": Addressing.SLAAC, "dhcp": Address
 def _networkmanager(conn: DBusConnection, nic: str) -> Owner | None:
     nm = DBusAddress("/org/freedesktop/NetworkManager", _NM, _NM)
     try:
-        device = _call(conn, nm, "GetDeviceByIpIface", "s", nic)[0]
-    except _BusError:
+        device = call(conn, nm, "GetDeviceByIpIface", "s", nic)[0]
+    except BusError:
         return None  # not a device NetworkManager knows
     dev = f"{_NM}.Device"
-    if not _prop(conn, _NM, device, dev, "Managed"):
+    if not prop(conn, _NM, device, dev, "Managed"):
         return None
-    if _prop(conn, _NM, device, dev, "State") <= _NM_UNMANAGED:
+    if prop(conn, _NM, device, dev, "State") <= _NM_UNMANAGED:
         return None
-    active = _prop(conn, _NM, device, dev, "ActiveConnection")
+    active = prop(conn, _NM, device, dev, "ActiveConnection")
     if active == "/":
         return Owner(Manager.NETWORKMANAGER, "managed, no profile active", ())
-    profile = _prop(conn, _NM, active, f"{_NM}.Connection.Active", "Connection")
+    profile = prop(conn, _NM, active, f"{_NM}.Connection.Active", "Connection")
     setting = DBusAddress(profile, _NM, f"{_NM}.Settings.Connection")
-    settings = _call(conn, setting, "GetSettings")[0]
+    settings = call(conn, setting, "GetSettings")[0]
     name = settings["connection"]["id"][1]
-    filename = _prop(conn, _NM, profile, f"{_NM}.Settings.Connection", "Filename")
+    filename = prop(conn, _NM, profile, f"{_NM}.Settings.Connection", "Filename")
     v4 = settings.get("ipv4", {}).get("method", ("s", ""))[1]
     v6 = settings.get("ipv6", {}).get("method", ("s", ""))[1]
     found = {m for m in (_NM_V4.get(v4), _NM_V6.get(v6)) if m is not None}
-    if v6 == "auto" and _prop(conn, _NM, device, dev, "Dhcp6Config") != "/":
+    if v6 == "auto" and prop(conn, _NM, device, dev, "Dhcp6Config") != "/":
         found.add(Addressing.DHCPV6)  # the router asked for DHCPv6 too
     return Owner(
         Manager.NETWORKMANAGER, f"profile {name!r}, {filename or 'in memory'}", _ordered(found)

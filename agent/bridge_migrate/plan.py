@@ -22,7 +22,8 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from . import netfilter
+from . import handover, netfilter
+from .handover.files import FileChange
 from .model import (
     AF_INET,
     AF_INET6,
@@ -176,6 +177,49 @@ class SetSysctl:
         return f"set {self.sysctl}"
 
 
+@dataclass(frozen=True)
+class WriteConfig:
+    """A manager's files rewritten for the bridge (not netlink: files, after the takeover)."""
+
+    files: tuple[FileChange, ...]
+
+    def __str__(self) -> str:
+        return "; ".join(str(f) for f in self.files)
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    files: tuple[FileChange, ...]  # as WriteConfig made them: restored to `before`
+
+    def __str__(self) -> str:
+        return "; ".join(str(f.inverse()) for f in self.files)
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """The running manager takes the new state from its rewritten files."""
+
+    adoption: handover.Adoption
+
+    def __str__(self) -> str:
+        a = self.adoption
+        return f"{handover.manager_of_adoption(a).value} adopts {a.bridge} with {a.nic} as its port"
+
+
+@dataclass(frozen=True)
+class Readopt:
+    """The manager configures the NIC again from its restored files."""
+
+    adoption: handover.Adoption
+
+    def __str__(self) -> str:
+        a = self.adoption
+        return f"{handover.manager_of_adoption(a).value} configures {a.nic} again"
+
+
+# Not sent over netlink: files and the daemons that read them.
+NOT_NETLINK = (RewriteFirewall, RestoreFirewall, WriteConfig, RestoreConfig, Adopt, Readopt)
+
 Op = (
     CreateBridge
     | DeleteBridge
@@ -192,6 +236,10 @@ Op = (
     | SetSysctl
     | RewriteFirewall
     | RestoreFirewall
+    | WriteConfig
+    | RestoreConfig
+    | Adopt
+    | Readopt
 )
 OP_TYPES: tuple[type, ...] = (
     CreateBridge,
@@ -209,6 +257,10 @@ OP_TYPES: tuple[type, ...] = (
     SetSysctl,
     RewriteFirewall,
     RestoreFirewall,
+    WriteConfig,
+    RestoreConfig,
+    Adopt,
+    Readopt,
 )
 
 
@@ -232,6 +284,10 @@ class Plan:
     # "giveback": `undo`, from the bridge back onto the NIC, releasing the `detached` ports.
     direction: Direction = "takeover"
     detached: tuple[str, ...] = ()
+    # What the NIC's managers had (read before the snapshot), and, after the netlink sends, their
+    # files rewritten, then the managers adopting the bridge.
+    views: tuple[handover.View, ...] = ()
+    handover: tuple[Step, ...] = ()
 
     @property
     def source(self) -> str:
@@ -245,10 +301,10 @@ class Plan:
 
     @property
     def steps(self) -> tuple[Step, ...]:
-        return (self.prepare, *self.tune, *self.make, *self.batch)
+        return (self.prepare, *self.tune, *self.make, *self.batch, *self.handover)
 
 
-def plan_takeover(state: HostState, bridge: str) -> Plan:
+def plan_takeover(state: HostState, bridge: str, views: tuple[handover.View, ...] = ()) -> Plan:
     nic = state.nic.name
     make = (
         *_add_rules(state, bridge),
@@ -271,7 +327,30 @@ def plan_takeover(state: HostState, bridge: str) -> Plan:
         DeleteBridge(bridge),
     )
     tune = _copy_sysctls(state, bridge)
-    return Plan(nic=nic, bridge=bridge, prepare=prepare, tune=tune, make=make, batch=batch)
+    return Plan(
+        nic=nic,
+        bridge=bridge,
+        prepare=prepare,
+        tune=tune,
+        make=make,
+        batch=batch,
+        views=views,
+        handover=_hand_over(state, bridge, views),
+    )
+
+
+def _hand_over(state: HostState, bridge: str, views: tuple[handover.View, ...]) -> tuple[Step, ...]:
+    """Every manager's files first, then every manager adopts: one manager's adoption may rest
+    on another's files (cloud-init told to keep away from what netplan renders)."""
+    planned = [handover.plan(v, state, bridge) for v in views]
+    refused = [p for p in planned if isinstance(p, str)]
+    if refused:
+        raise ValueError("; ".join(refused))  # transaction.read_plan refuses these before
+    made = [p for p in planned if not isinstance(p, str)]
+    files = tuple(f for h in made for f in h.files)
+    writes = [Step(WriteConfig(files), RestoreConfig(files))] if files else []
+    adopts = [Step(Adopt(h.adoption), Readopt(h.adoption)) for h in made]
+    return (*writes, *adopts)
 
 
 @dataclass(frozen=True)

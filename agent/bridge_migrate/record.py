@@ -555,7 +555,7 @@ def replan(snapshot: HostState, plan: Plan) -> Plan:
     """The plan this agent makes for `snapshot`, in `plan`'s direction."""
     match plan.direction:
         case "takeover":
-            return plan_takeover(snapshot, plan.bridge)
+            return plan_takeover(snapshot, plan.bridge, plan.views)
         case "giveback":
             return plan_giveback(snapshot, plan.bridge, plan.detached)
         case _:

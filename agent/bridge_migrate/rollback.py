@@ -22,6 +22,7 @@ from .plan import (
     AddNeighbour,
     AddRoute,
     AddRule,
+    Adopt,
     CreateBridge,
     DelAddress,
     DeleteBridge,
@@ -30,12 +31,15 @@ from .plan import (
     DelRule,
     Op,
     Plan,
+    Readopt,
     ReplaceRoute,
+    RestoreConfig,
     RestoreFirewall,
     RewriteFirewall,
     SetMaster,
     SetSysctl,
     Step,
+    WriteConfig,
 )
 from .snapshot import read_host, read_links
 
@@ -54,7 +58,7 @@ class RestoreResult:
 def restore(
     ipr: IPRoute, plan: Plan, snapshot: HostState, done: tuple[Step, ...], age: float
 ) -> RestoreResult:
-    undo = on_link_first([s.undo for s in reversed(done)])
+    undo = managers_around(on_link_first([s.undo for s in reversed(done)]))
     outcomes: list[Outcome] = []
     seconds = 0.0
     # A bridge that `undo` deleted comes back first, alone: the inverses after it name it.
@@ -68,7 +72,17 @@ def restore(
     result = BatchResult(tuple(outcomes), seconds)
     failures = tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
     actual = read_host(ipr, plan.nic, plan.bridge)
-    return RestoreResult(result, failures, differences(snapshot, actual, age))
+    told = any(isinstance(op, Readopt) for op in undo)
+    return RestoreResult(result, failures, differences(snapshot, actual, age, learned_may_go=told))
+
+
+def managers_around(ops: list[Op]) -> list[Op]:
+    """The managers' files restored first, so nothing reads the bridge's files once the
+    bridge is gone; the managers told last, once the NIC is as it was, to configure it again."""
+    files = [op for op in ops if isinstance(op, RestoreConfig)]
+    told = [op for op in ops if isinstance(op, Readopt)]
+    rest = [op for op in ops if not isinstance(op, RestoreConfig | Readopt)]
+    return [*files, *rest, *told]
 
 
 def _split_after_creation(ops: list[Op]) -> list[list[Op]]:
@@ -122,6 +136,8 @@ def op_devices(op: Op) -> tuple[str, ...]:
             return (op.sysctl.dev,)
         case RewriteFirewall() | RestoreFirewall():
             return ()
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+            return ()
         case _:
             assert_never(op)
 
@@ -143,5 +159,7 @@ def already_so(op: Op, error: int) -> bool:
             return False
         case SetSysctl() | RewriteFirewall() | RestoreFirewall():
             return False
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+            return False  # each brings its files or its daemon to a state, whatever it was
         case _:
             assert_never(op)

@@ -37,6 +37,7 @@ from .plan import (
     AddNeighbour,
     AddRoute,
     AddRule,
+    Adopt,
     CreateBridge,
     DelAddress,
     DeleteBridge,
@@ -44,11 +45,14 @@ from .plan import (
     DelRoute,
     DelRule,
     Op,
+    Readopt,
     ReplaceRoute,
+    RestoreConfig,
     RestoreFirewall,
     RewriteFirewall,
     SetMaster,
     SetSysctl,
+    WriteConfig,
     new_bridge_link,
     prefix_of,
 )
@@ -116,6 +120,8 @@ def simulate_op(state: HostState, op: Op) -> HostState:
             return replace(state, firewall=_rewritten(state.firewall, op.change))
         case RestoreFirewall():
             return replace(state, firewall=_rewritten(state.firewall, op.change.inverse()))
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+            return state  # files and daemons: not the kernel's state
         case _:
             assert_never(op)
 

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from . import deadman, guestbook
+from . import deadman, guestbook, handover
 from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, signal_guard
 from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .errors import Refused
 from .giveback import giveback_notes, giveback_refusals, plan_giveback, port_refusals
+from .handover.files import FileError
 from .model import HostState
-from .owner import ask_owners, ownership
+from .owner import Owner, ask_owners, handover_refused, ownership
 from .owner import describe as describe_ownership
-from .owner import refusals as handover_refusals
+from .owner import refusals as unmanageable
 from .plan import carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .record import Locked, RecordError, Store, Transaction
@@ -44,7 +45,10 @@ class ApplyRequest:
     detach: tuple[str, ...] = ()  # undo: the bridge's other ports, released before it goes
 
 
-_EXPIRE_LOCK_WAIT = 10.0  # the dead man waits this long for a live agent to let go
+# A live agent rolling back is given this long past the deadline (a manager configuring the NIC
+# again takes seconds) before the dead man kills it; the dead man waits a little longer.
+_ROLLBACK_GRACE = handover.WAIT + 5.0
+_EXPIRE_LOCK_WAIT = _ROLLBACK_GRACE + 5.0
 _EARLY = 0.5  # seconds: a dead man this much before its deadline was meant for an older one
 
 
@@ -54,6 +58,7 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     nic = choose_nic(ipr, req.nic, req.bridge)
     report.bind(nic=nic, bridge=req.bridge)
     asked = ask_owners(nic)
+    reading = _read_managers(ipr, asked.owners, nic, req.bridge)
     state = read_host(ipr, nic, req.bridge)
     report.attach("snapshot", state)
     report.phase("snapshot", started, _summary(state))
@@ -64,12 +69,20 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     report.attach("owner", owned)
     for line in describe_ownership(owned):
         report.note(line)
-    problems = [*refusals(state, req.bridge), *handover_refusals(owned, req.bridge)]
+    problems = [
+        *refusals(state, req.bridge),
+        *unmanageable(owned, req.bridge, reading.unsupported),
+        *(
+            handover_refused(owned, handover.manager_of(v), why, req.bridge)
+            for v in reading.views
+            if isinstance(why := handover.plan(v, state, req.bridge), str)
+        ),
+    ]
     report.attach("carried", carried_counts(state))
     if problems:
         report.attach("blockers", problems)
         raise Refused("; ".join(problems))
-    plan = plan_takeover(state, req.bridge)
+    plan = plan_takeover(state, req.bridge, reading.views)
     probes = (*gateway_probes(state, nic, req.bridge), *req.probes)
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
@@ -82,6 +95,16 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     )
     desired = simulate(state, [s.do for s in plan.steps])
     return Prepared(state, plan, desired, probes)
+
+
+def _read_managers(
+    ipr: IPRoute, owners: tuple[Owner, ...], nic: str, bridge: str
+) -> handover.Reading:
+    (link,) = ipr.link_lookup(ifname=nic) or (0,)
+    try:
+        return handover.read(owners, nic, bridge, link)
+    except FileError as e:
+        raise Refused(str(e)) from None
 
 
 def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = False) -> ExitCode:
@@ -116,7 +139,7 @@ def _transact(
             plan = prepared.plan
             deadline = Deadline.after(req.timeout)
             with Checkpoint.open(ipr, store, report, tx_id, prepared, deadline) as cp:
-                cp.take_over(prepared)
+                cp.take_over(prepared, deadline)
                 cp.verify(prepared, deadline, req.timeout)
                 if req.confirm_within is None:
                     cp.commit(f"{plan.source} -> {plan.target}, verified")
@@ -252,6 +275,8 @@ def _kill_hung_agent(store: Store, tx_id: str) -> None:
     tx = store.load()
     if tx is None or tx.id != tx_id or time.time() < tx.deadline or tx.pid <= 1:
         return
+    if tx.phase is Phase.ROLLING_BACK and time.time() < tx.deadline + _ROLLBACK_GRACE:
+        return  # busy putting the host back, not hung
     try:
         pidfd = os.pidfd_open(tx.pid)
     except ProcessLookupError:

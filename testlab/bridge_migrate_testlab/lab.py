@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -69,6 +70,14 @@ def _tool(name: str) -> str:
     if path is None:
         raise FileNotFoundError(f"{name} not found (needed by netlab)")
     return path
+
+
+@dataclass(frozen=True)
+class DhcpLease:
+    expiry: int  # seconds since the epoch
+    mac: str  # for DHCPv6 lines, the IAID
+    address: str
+    client_id: str
 
 
 @dataclass(frozen=True)
@@ -409,6 +418,19 @@ class Lab:
         if self._dhcp:
             self._serve_dhcp()
         self.ip_batch(self.host_ns, self._host_config())
+
+    def dhcp_leases(self) -> tuple[DhcpLease, ...]:
+        """dnsmasq's leases as its lease file has them now (IPv4: expiry, MAC, address)."""
+        if self._leases is None:
+            return ()
+        try:
+            text = Path(self._leases, "leases").read_text()
+        except FileNotFoundError:
+            return ()
+        words = (line.split() for line in text.splitlines())
+        return tuple(
+            DhcpLease(int(w[0]), w[1], w[2], w[4]) for w in words if len(w) >= 5 and w[0].isdigit()
+        )
 
     def _serve_dhcp(self) -> None:
         """dnsmasq on the LAN bridge; returns once it listens (the host may be asking already)."""

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bridge_migrate.owner import Addressing  # what the agent reports, one vocabulary
 from bridge_migrate_testlab.lab import LabAddresses
-from bridge_migrate_testlab.systemd import BootedLab, BootSpec
+from bridge_migrate_testlab.systemd import Bind, BootedLab, BootSpec
 
 _A = LabAddresses()
 _V4 = f"{_A.host_v4}/{_A.v4_prefixlen}"
@@ -38,6 +42,10 @@ class ManagedRow:
     requires: tuple[str, ...] = ()
     after_boot: tuple[str, ...] = ()  # a command run once the boot is up (a client by hand)
     source: str = ""  # the file, profile or command line the agent should name
+    handed_over: bool = False  # the agent hands its configuration over (else: refused)
+    restart: tuple[str, ...] = ()  # how its manager is restarted (systemctl restart ...)
+    reload: tuple[str, ...] = ()  # and told to read its configuration again
+    persist: tuple[str, ...] = ()  # directories that outlive a reboot (its files, its leases)
 
     @property
     def dhcp(self) -> bool:
@@ -134,6 +142,10 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/systemd/network/10-lab.network": (_NETWORKD_STATIC, 0o644)},
         requires=_NETWORKD_ONLINE,
         source="/etc/systemd/network/10-lab.network",
+        handed_over=True,
+        restart=("systemctl", "restart", "systemd-networkd.service"),
+        reload=("networkctl", "reload"),
+        persist=("/etc/systemd/network",),
     ),
     ManagedRow(
         "networkd-dhcp",
@@ -142,6 +154,10 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/systemd/network/10-lab.network": (_NETWORKD_DHCP, 0o644)},
         requires=_NETWORKD_ONLINE,
         source="/etc/systemd/network/10-lab.network",
+        handed_over=True,
+        restart=("systemctl", "restart", "systemd-networkd.service"),
+        reload=("networkctl", "reload"),
+        persist=("/etc/systemd/network",),
     ),
     # netplan's systemd generator writes networkd's files at boot (never `netplan apply`).
     ManagedRow(
@@ -210,12 +226,52 @@ def row(name: str) -> ManagedRow:
     return next(r for r in ROWS if r.name == name)
 
 
-def booted_lab(r: ManagedRow, **spec: Any) -> BootedLab:
-    """The row's lab, not yet entered; `spec` adds BootSpec fields (units, binds, ...)."""
+# Directories of the lab host that outlive its reboots (as a disk would), beside the row's own:
+# the agent's state, whose record a rollback after a reboot reads.
+PERSISTED = ("/var/lib/bridge-migrate",)
+
+
+class ManagedLab(BootedLab):
+    """A booted lab whose persisted directories are test-owned copies bound into every boot."""
+
+    def __init__(self, boot: BootSpec, kept: Path, **kwargs: Any) -> None:
+        super().__init__(boot, **kwargs)
+        self.kept = kept
+
+    def close(self, raise_errors: bool = False) -> None:
+        try:
+            super().close(raise_errors)
+        finally:
+            shutil.rmtree(self.kept, ignore_errors=True)
+
+
+def booted_lab(r: ManagedRow, **spec: Any) -> ManagedLab:
+    """The row's lab, not yet entered; `spec` adds BootSpec fields (units, binds, ...). The
+    row's persisted directories start as the machine's, with the row's files written in."""
     files = {**r.files, **spec.pop("files", {})}
     requires = (*r.requires, *spec.pop("requires", ()))
-    boot = BootSpec(hostname=r.name, files=files, requires=requires, **spec)
-    return BootedLab(boot, plug_first=True, configure_host=False, dhcp=r.dhcp)
+    kept = Path(tempfile.mkdtemp(prefix=f"bm-{r.name}-"))
+    binds = []
+    for n, inside in enumerate((*r.persist, *PERSISTED)):
+        source = kept / str(n)
+        if os.path.isdir(inside):
+            shutil.copytree(inside, source, symlinks=True)
+        source.mkdir(exist_ok=True)
+        for path in [p for p in files if p.startswith(inside + "/")]:
+            text, mode = files.pop(path)
+            target = source / path.removeprefix(inside + "/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            target.chmod(mode)
+        binds.append(Bind(source, inside))
+    boot = BootSpec(
+        hostname=r.name,
+        files=files,
+        requires=requires,
+        binds=(*binds, *spec.pop("binds", ())),
+        **spec,
+    )
+    return ManagedLab(boot, kept, plug_first=True, configure_host=False, dhcp=r.dhcp)
 
 
 def configured(booted: BootedLab, r: ManagedRow, timeout: float = _CONFIGURED_TIMEOUT) -> float:
@@ -253,3 +309,50 @@ def _seen(booted: BootedLab) -> set[Addressing]:
         else:
             kinds.add(Addressing.DHCPV6 if info["prefixlen"] == 128 else Addressing.SLAAC)
     return kinds
+
+
+@dataclass(frozen=True)
+class Soak:
+    """The host watched for a while: the gateway pinged every second over both families, and
+    its DHCPv4 lease in the server's file."""
+
+    seconds: float
+    probes: int
+    lost: tuple[str, ...]  # "12.0 s 198.18.0.1": each probe that had no answer
+    expiries: tuple[int, ...]  # the lease's expiry each time it moved (renewals)
+    gone: int  # samples in which the server held no lease for the host (released, expired)
+
+
+def soak(booted: BootedLab, seconds: float, mac: str, dhcp: bool) -> Soak:
+    lab = booted.lab
+    started = time.monotonic()
+    lost: list[str] = []
+    expiries: list[int] = []
+    probes = gone = 0
+    while (at := time.monotonic() - started) < seconds:
+        for target in (lab.addrs.gw_v4, lab.addrs.gw_v6):
+            probes += 1
+            done = lab.run(lab.host_ns, ["ping", "-c1", "-W1", "-n", target], timeout=5)
+            if done.returncode != 0:
+                lost.append(f"{at:.1f} s {target}")
+        if dhcp:
+            held = [x.expiry for x in lab.dhcp_leases() if x.mac == mac]
+            gone += not held
+            if held and held[0] not in expiries:
+                expiries.append(held[0])
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - started - at)))
+    return Soak(time.monotonic() - started, probes, tuple(lost), tuple(expiries), gone)
+
+
+def global_addresses(booted: BootedLab, dev: str) -> set[str]:
+    """The device's global addresses, `address/prefixlen` (none when the device is absent)."""
+    lab = booted.lab
+    done = lab.run(lab.host_ns, ["ip", "-j", "addr", "show", "dev", dev])
+    if done.returncode != 0:
+        return set()
+    return {
+        f"{info['local']}/{info['prefixlen']}"
+        for link in json.loads(done.stdout)
+        for info in link["addr_info"]
+        if info.get("scope") == "global"
+    }

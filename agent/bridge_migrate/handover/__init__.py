@@ -1,0 +1,118 @@
+"""The hand-over: the NIC's manager is given the bridge in its own terms, inside the
+transaction, so that nothing undoes the takeover when the manager restarts, reloads, renews a
+lease or boots.
+
+For each owner: `read` what the manager has (I/O, before the snapshot), `plan` the files it
+needs rewritten and how it adopts the new state (pure), and, in the transaction, after the
+netlink takeover: write the files, then `adopt`. The way back: the files are restored first,
+the netlink inverses run, and `readopt` comes last, so the manager configures the NIC again from
+its own files. One module per manager; this one dispatches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import assert_never
+
+from ..model import HostState
+from ..owner import Manager, Owner
+from . import networkd
+from .files import FileChange
+
+WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
+
+View = networkd.NetworkdView
+Adoption = networkd.NetworkdAdoption
+
+
+@dataclass(frozen=True)
+class Handover:
+    manager: Manager
+    files: tuple[FileChange, ...]
+    adoption: Adoption
+
+
+@dataclass(frozen=True)
+class Reading:
+    views: tuple[View, ...]
+    unsupported: tuple[Owner, ...]  # owners no hand-over is known for: refused by owner.py
+
+
+class HandoverError(Exception):
+    """The manager did not take the new state (or the old one back) as it should."""
+
+
+def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Reading:
+    views: list[View] = []
+    unsupported: list[Owner] = []
+    for owner in owners:
+        match owner.manager:
+            case Manager.NETWORKD if not owner.generator:
+                views.append(networkd.read(owner.source, nic, bridge, ifindex))
+            case (
+                Manager.NETWORKD
+                | Manager.NETWORKMANAGER
+                | Manager.IFUPDOWN
+                | Manager.DHCLIENT
+                | Manager.DHCPCD
+                | Manager.CLOUD_INIT
+            ):
+                unsupported.append(owner)
+            case _:
+                assert_never(owner.manager)
+    return Reading(tuple(views), tuple(unsupported))
+
+
+def plan(view: View, state: HostState, bridge: str) -> Handover | str:
+    """The hand-over, or why it cannot be made (with nothing changed)."""
+    match view:
+        case networkd.NetworkdView():
+            files = networkd.plan(view, state, bridge)
+            if isinstance(files, str):
+                return files
+            bridge_network = files[1].path
+            adoption = networkd.NetworkdAdoption(
+                view.nic, bridge, bridge_network, view.network_file
+            )
+            return Handover(Manager.NETWORKD, files, adoption)
+        case _:
+            assert_never(view)
+
+
+def manager_of(view: View) -> Manager:
+    match view:
+        case networkd.NetworkdView():
+            return Manager.NETWORKD
+        case _:
+            assert_never(view)
+
+
+def manager_of_adoption(a: Adoption) -> Manager:
+    match a:
+        case networkd.NetworkdAdoption():
+            return Manager.NETWORKD
+        case _:
+            assert_never(a)
+
+
+def adopt(a: Adoption, until: float) -> None:
+    """The manager takes the bridge; `until` (monotonic) bounds the wait for it."""
+    try:
+        match a:
+            case networkd.NetworkdAdoption():
+                networkd.adopt(a, until)
+            case _:
+                assert_never(a)
+    except networkd.NetworkdError as e:
+        raise HandoverError(str(e)) from e
+
+
+def readopt(a: Adoption, until: float) -> None:
+    try:
+        match a:
+            case networkd.NetworkdAdoption():
+                networkd.readopt(a, until)
+            case _:
+                assert_never(a)
+    except networkd.NetworkdError as e:
+        raise HandoverError(str(e)) from e

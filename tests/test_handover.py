@@ -1,0 +1,155 @@
+"""Managed hosts handed over: in lab hosts booted with a real network manager configuring eth0,
+`apply` rewrites the manager's own configuration inside the transaction and the manager adopts
+br0. The host stays on the same addresses through lease renewals, manager restarts and reloads,
+boots onto br0 with no unit of ours, and `rollback` gives everything back, files byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge_migrate.contract import ExitCode
+from bridge_migrate_testlab.managed import (
+    ROWS,
+    ManagedRow,
+    booted_lab,
+    configured,
+    global_addresses,
+    soak,
+)
+from bridge_migrate_testlab.systemd import BootedLab
+from hostview import assert_unchanged, read_view
+
+pytestmark = pytest.mark.root
+
+AGENT = str(Path(sys.executable).with_name("bridge-migrate"))
+STATE = "/var/lib/bridge-migrate"
+LEASE = 120.0  # the LAN's dnsmasq leases (managed.py): two of them are watched
+HANDED = [r for r in ROWS if r.handed_over]
+_SETTLE = 30.0  # seconds for a manager to configure again after a restart, a reload or a boot
+
+
+def _agent(booted: BootedLab, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    done: subprocess.CompletedProcess[str] = booted.host.run(
+        [AGENT, "--state-dir", STATE, *args], timeout=timeout
+    )
+    return done
+
+
+def _files(booted: BootedLab, r: ManagedRow, extra: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """The row's configuration directories, every file's bytes (what rollback must give back)."""
+    found: dict[str, bytes] = {}
+    for inside in {str(Path(p).parent) for p in r.files} | set(extra):
+        root = booted.host.path(inside)
+        for p in sorted(root.rglob("*")) if root.is_dir() else ():
+            if p.is_file():
+                found[f"{inside}/{p.relative_to(root)}"] = p.read_bytes()
+    return found
+
+
+def _until_addresses(booted: BootedLab, dev: str, want: set[str], timeout: float) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while (have := global_addresses(booted, dev)) < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return have
+
+
+def _reachable(booted: BootedLab) -> None:
+    lab = booted.lab
+    lab.wait_reachable(lab.host_ns, [lab.addrs.gw_v4, lab.addrs.gw_v6], timeout=_SETTLE)
+
+
+def _enabled_units(booted: BootedLab) -> list[str]:
+    done = booted.host.run(
+        ["systemctl", "list-unit-files", "--state=enabled", "--no-legend", "bridge-migrate*"]
+    )
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("r", HANDED, ids=[r.name for r in HANDED])
+def test_handed_over_host_survives_leases_restarts_and_reboots(r: ManagedRow) -> None:
+    figures: list[str] = []
+    with booted_lab(r) as booted:
+        configured(booted, r)
+        before_files = _files(booted, r)
+        before = read_view(booted.lab.host_ns)
+        owned = global_addresses(booted, "eth0")
+        mac = json.loads(
+            booted.lab.run(booted.lab.host_ns, ["ip", "-j", "link", "show", "eth0"]).stdout
+        )[0]["address"]
+        plan = _agent(booted, "plan", "--json")
+        assert plan.returncode == ExitCode.OK, plan.stdout + plan.stderr
+
+        started = time.monotonic()
+        apply = _agent(booted, "apply", "--timeout", "20")
+        assert apply.returncode == ExitCode.OK, apply.stdout + apply.stderr
+        figures.append(f"apply {time.monotonic() - started:.1f} s")
+        assert global_addresses(booted, "br0") >= owned, "br0 holds eth0's addresses"
+        assert not global_addresses(booted, "eth0")
+        assert _files(booted, r) != before_files, "the manager's files name br0"
+
+        if r.dhcp:
+            watched = soak(booted, 2 * LEASE + 15, mac, dhcp=True)
+            figures.append(
+                f"soak {watched.seconds:.0f} s: {watched.probes} probes, {len(watched.lost)} "
+                f"lost, {len(watched.expiries)} lease expiries seen, {watched.gone} without"
+            )
+            assert not watched.lost, watched
+            assert watched.gone == 0, "the lease was released or expired"
+            assert len(watched.expiries) >= 3, "the lease was renewed at least twice"
+            assert global_addresses(booted, "br0") >= owned, "the same addresses, renewed"
+            assert not global_addresses(booted, "eth0")
+
+        for how in (r.restart, r.reload):
+            booted.host.run(how, check=True, timeout=60)
+            _reachable(booted)
+            assert _until_addresses(booted, "br0", owned, _SETTLE) >= owned, how
+            assert not global_addresses(booted, "eth0"), how
+
+        booted.poweroff()
+        booted.boot(plug_first=True)  # as a real machine boots: its NIC is there
+        configured_at = time.monotonic()
+        assert _until_addresses(booted, "br0", owned, _SETTLE) >= owned, "booted onto br0"
+        _reachable(booted)
+        figures.append(f"after reboot on br0 in {time.monotonic() - configured_at:.1f} s")
+        assert not global_addresses(booted, "eth0")
+        assert _enabled_units(booted) == [], "no unit of ours brought it up"
+
+        back = _agent(booted, "rollback")
+        assert back.returncode == ExitCode.OK, back.stdout + back.stderr
+        assert _files(booted, r) == before_files, "the manager's files, byte for byte"
+        assert _until_addresses(booted, "eth0", owned, _SETTLE) >= owned
+        _reachable(booted)
+        after = read_view(booted.lab.host_ns)
+        assert after.links == before.links
+        assert not global_addresses(booted, "br0")
+        replan = _agent(booted, "plan", "--json")
+        assert (
+            json.loads(replan.stdout)["owner"]["owners"]
+            == json.loads(plan.stdout)["owner"]["owners"]
+        )
+    print(f"{r.name}: " + "; ".join(figures))
+
+
+@pytest.mark.parametrize("r", HANDED, ids=[r.name for r in HANDED])
+def test_failed_verification_gives_the_manager_its_files_back(r: ManagedRow) -> None:
+    with booted_lab(r) as booted:
+        configured(booted, r)
+        before_files = _files(booted, r)
+        before = read_view(booted.lab.host_ns)
+        owned = global_addresses(booted, "eth0")
+        nobody = "198.18.0.222"  # on the LAN's prefix, answered by no one
+        apply = _agent(booted, "apply", "--timeout", "3", "--probe", f"icmp:{nobody}")
+        assert apply.returncode == ExitCode.ROLLED_BACK, apply.stdout + apply.stderr
+        assert _files(booted, r) == before_files
+        assert _until_addresses(booted, "eth0", owned, _SETTLE) >= owned
+        if not r.dhcp:
+            assert_unchanged(before, read_view(booted.lab.host_ns), learned_may_go=True)
+        assert global_addresses(booted, "eth0") >= {a for a in global_addresses(booted, "eth0")}
+        _reachable(booted)
