@@ -106,6 +106,26 @@ def test_manager_subnet_route_for_noprefixroute_address(lab: Lab, agent: Agent) 
     assert {r[2] for r in routes_on(migrated, "eth0") if r[1] == 254} <= {"fe80::"}
 
 
+def test_address_metric_gives_its_prefix_route_the_same_metric_on_the_bridge(
+    lab: Lab, agent: Agent
+) -> None:
+    # systemd-networkd's DHCP shape: `metric 1024` on the address (IFA_RT_PRIORITY), so the
+    # kernel's own prefix route has that metric; without it the bridge's would have metric 0.
+    a = lab.addrs
+    lab.ip_batch(
+        lab.host_ns,
+        [
+            f"addr del {a.host_v4_secondary}/24 dev eth0",
+            f"addr del {a.host_v4}/24 dev eth0",
+            f"addr add {a.host_v4}/24 dev eth0 metric 1024 valid_lft 600 preferred_lft 600",
+            f"route add default via {a.gw_v4} dev eth0 proto dhcp metric 1024",
+        ],
+    )
+    _, migrated = migrate_then_roll_back(lab, agent)
+    prefix = {r[6] for r in routes_on(migrated, "br0") if r[2] == "198.18.0.0" and r[1] == 254}
+    assert prefix == {1024}
+
+
 def test_per_device_settings_are_copied(lab: Lab, agent: Agent) -> None:
     tuned = {
         "net.ipv4.conf.eth0.rp_filter": 1,

@@ -210,6 +210,8 @@ def _address(a: Address, index: int, age: float, *, full: bool) -> Any:
             attrs.append(("IFA_LABEL", a.label))
         if a.broadcast:
             attrs.append(("IFA_BROADCAST", a.broadcast))
+        if a.rt_priority:  # networkd's DHCP addresses: the prefix route's metric
+            attrs.append(("IFA_RT_PRIORITY", a.rt_priority))
         if (a.valid_lft, a.preferred_lft) != (FOREVER, FOREVER):
             attrs.append(("IFA_CACHEINFO", _lifetimes(a, age)))
     msg["attrs"] = attrs
