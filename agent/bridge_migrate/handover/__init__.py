@@ -16,13 +16,13 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import networkd
+from . import clients, networkd
 from .files import FileChange
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
-View = networkd.NetworkdView
-Adoption = networkd.NetworkdAdoption
+View = networkd.NetworkdView | clients.DhcpcdView
+Adoption = networkd.NetworkdAdoption | clients.DhcpcdAdoption
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Handover:
     manager: Manager
     files: tuple[FileChange, ...]
     adoption: Adoption
+    notes: tuple[str, ...] = ()  # for `plan`: what the hand-over does that is worth knowing
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,13 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
         match owner.manager:
             case Manager.NETWORKD if not owner.generator:
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
+            case Manager.DHCPCD:
+                views.extend(clients.dhcpcd_read(nic))
             case (
                 Manager.NETWORKD
                 | Manager.NETWORKMANAGER
                 | Manager.IFUPDOWN
                 | Manager.DHCLIENT
-                | Manager.DHCPCD
                 | Manager.CLOUD_INIT
             ):
                 unsupported.append(owner)
@@ -75,6 +77,13 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 view.nic, bridge, bridge_network, view.network_file
             )
             return Handover(Manager.NETWORKD, files, adoption)
+        case clients.DhcpcdView():
+            # No file changes: a hand-started dhcpcd has none naming the NIC (its lease files
+            # move with the client, in adopt and readopt, as renewed by then).
+            dhcpcd = clients.dhcpcd_plan(view, state, bridge)
+            if isinstance(dhcpcd, str):
+                return dhcpcd
+            return Handover(Manager.DHCPCD, (), dhcpcd, clients.dhcpcd_notes(dhcpcd))
         case _:
             assert_never(view)
 
@@ -83,6 +92,8 @@ def manager_of(view: View) -> Manager:
     match view:
         case networkd.NetworkdView():
             return Manager.NETWORKD
+        case clients.DhcpcdView():
+            return Manager.DHCPCD
         case _:
             assert_never(view)
 
@@ -91,6 +102,8 @@ def manager_of_adoption(a: Adoption) -> Manager:
     match a:
         case networkd.NetworkdAdoption():
             return Manager.NETWORKD
+        case clients.DhcpcdAdoption():
+            return Manager.DHCPCD
         case _:
             assert_never(a)
 
@@ -101,9 +114,11 @@ def adopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.adopt(a, until)
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_adopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except (networkd.NetworkdError, clients.DhcpcdError) as e:
         raise HandoverError(str(e)) from e
 
 
@@ -112,7 +127,9 @@ def readopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.readopt(a, until)
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_readopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except (networkd.NetworkdError, clients.DhcpcdError) as e:
         raise HandoverError(str(e)) from e

@@ -14,15 +14,17 @@ dnsmasq LAN (2-minute leases, RAs, DHCPv6):
   it rebinds the same address at once (no ARP probe: the address is already there), confirms the
   DHCPv6 lease and generates the same SLAAC and link-local addresses (the bridge has the NIC's
   MAC). Measured at 100 ms: no probe lost, stopped after the batch or before it alike.
-- Under systemd it runs as a transient unit of the same name, started over D-Bus
+- Under systemd it runs as a transient unit of the same name, started over the system bus
   (StartTransientUnit); the rollback stops the bridge's client the same way and starts the
   original command line on the NIC in its original unit, with the lease renewed meanwhile.
+- No file of dhcpcd's configuration changes: a hand-started dhcpcd has none that names the NIC,
+  and nothing starts it at boot, before the move or after (`plan` says so).
 
 Refused (nothing changed, with what to do by hand): a dhcpcd serving every interface (it would
-take the bridge as soon as it appears), one a boot-time service starts (it would configure the NIC
-again at the next boot, where nothing makes the bridge), one whose command line is unknown
-(dhcpcd rewrites its process title; only its systemd unit keeps it), and one whose dhcpcd.conf
-has an `interface NIC` block (those options would not follow it onto the bridge).
+take the bridge as soon as it appears), one a unit file starts (it would configure the NIC again
+at the next boot, where nothing makes the bridge), one whose command line is unknown (dhcpcd
+rewrites its process title; only its systemd unit keeps it), and one whose dhcpcd.conf has an
+`interface NIC` block (those options would not follow it onto the bridge).
 """
 
 from __future__ import annotations
@@ -35,18 +37,12 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
 
-from jeepney import DBusAddress, MessageType, new_method_call
-from jeepney.bus import get_connectable_addresses
-from jeepney.io.blocking import (
-    DBusConnection,
-    DBusConnectionBase,
-    open_dbus_connection,
-    prep_socket,
-)
+from jeepney import DBusAddress
+from jeepney.io.blocking import DBusConnection
 
+from ..bus import BusError, call, prop, socket_exists, system_bus
 from ..model import HostState
 
 # -- dhcpcd ---------------------------------------------------------------------------------
@@ -54,16 +50,24 @@ from ..model import HostState
 DHCPCD_RUN = "/run/dhcpcd"  # dhcpcd 9: pid files and control sockets
 DHCPCD_DB = "/var/lib/dhcpcd"  # dhcpcd 9 (Debian): leases, the DUID, the secret
 DHCPCD_CONF = "/etc/dhcpcd.conf"
+# A dhcpcd per address family ("-4", "-6") has its own pid file and socket, and its leases.
+_FAMILIES: dict[str, tuple[str, ...]] = {
+    "": (".lease", ".lease6"),
+    "-4": (".lease",),
+    "-6": (".lease6",),
+}
 _RTPROT_RA, _RTPROT_DHCP = 9, 16  # the protocols of dhcpcd's routes
+_DHCPCD_PROTOS = (_RTPROT_RA, _RTPROT_DHCP)
 _DHCPCD_METRIC_BASE = 1000  # dhcpcd on Linux: 1000 + ifindex unless -m/--metric
 _CONTROL_TIMEOUT = 2.0
 _POLL = 0.02
-_TRANSIENT_DIR = "/run/systemd/transient/"
+# What a unit name may be (systemd's unit_name_is_valid, for the services we start).
+_UNIT = re.compile(r"[A-Za-z0-9:_.\\-]{1,246}\.service")
 
 
 @dataclass(frozen=True)
 class DhcpcdView:
-    """A dhcpcd that serves the NIC, read before the snapshot."""
+    """A dhcpcd that serves the NIC, read before the snapshot (pid 0: none was found)."""
 
     nic: str
     pid: int  # its main process (from its pid file)
@@ -74,9 +78,10 @@ class DhcpcdView:
     unit_file_state: str  # "enabled", "static", "disabled", "transient", ... ("" if unknown)
     argv: tuple[str, ...]  # its command line from the unit's ExecStart (() if unknown)
     control: str  # its control socket ("" if none)
-    leases: tuple[str, ...]  # its lease files that exist (NIC.lease, NIC.lease6)
+    leases: tuple[str, ...]  # the suffixes of its lease files that exist (".lease", ".lease6")
     conf_blocks: tuple[str, ...]  # `interface NIC` lines of dhcpcd.conf (path:line)
     why_unknown: str = ""  # why the unit could not be asked ("" if it was)
+    with_systemd: bool = True  # in systemd's network namespace (where a unit it starts runs)
 
     @property
     def master(self) -> bool:
@@ -95,13 +100,6 @@ class DhcpcdAdoption:
     argv_bridge: tuple[str, ...]  # the same, on the bridge, identity and metric pinned
     family: str  # "", "-4", "-6"
     leases: tuple[str, ...]  # lease file suffixes to carry: ".lease", ".lease6"
-    netns_path: str = ""  # NetworkNamespacePath for the unit ("" : systemd's own namespace)
-
-
-@dataclass(frozen=True)
-class DhcpcdRefusal:
-    reason: str
-    alternative: str
 
 
 class DhcpcdError(Exception):
@@ -111,40 +109,43 @@ class DhcpcdError(Exception):
 # -- reading (I/O, before the snapshot) ----------------------------------------------------
 
 
-def dhcpcd_read(nic: str) -> DhcpcdView | None:
-    """The dhcpcd serving the NIC in this network namespace, if any: one bound to it (per family
-    or not), else one serving every interface."""
-    for family in ("", "-4", "-6"):
-        view = _dhcpcd_view(nic, f"{nic}{family}.", family)
-        if view is not None:
-            return view
-    return _dhcpcd_view(nic, "", "")
+def dhcpcd_read(nic: str) -> tuple[DhcpcdView, ...]:
+    """The dhcpcds serving the NIC in this network namespace: those bound to it (one, or one
+    per family), else one serving every interface; else a view with pid 0 (refused)."""
+    bound = [_dhcpcd_view(nic, f"{nic}{family}.", family) for family in _FAMILIES]
+    found = tuple(v for v in bound if v is not None)
+    if found:
+        return found
+    master = _dhcpcd_view(nic, "", "")
+    return (master,) if master is not None else (_nobody(nic),)
+
+
+def _nobody(nic: str) -> DhcpcdView:
+    return DhcpcdView(nic, 0, "", "", "", False, "", (), "", (), ())
 
 
 def _dhcpcd_view(nic: str, stem: str, family: str) -> DhcpcdView | None:
     pid = _pidfile(Path(DHCPCD_RUN, f"{stem}pid"))
-    if pid is None or not _ours(pid):
+    if pid is None or not _same_netns(pid):  # a container's dhcpcd is not ours
         return None
-    title = _title(pid)
     unit = _unit_of(pid)
-    props, why = _unit_props(unit) if unit else ({}, "it runs in no systemd unit")
+    props, why = _unit_props(unit) if unit else (_UnitProps(), "it runs in no systemd unit")
     control = Path(DHCPCD_RUN, f"{stem}sock")
-    leases = tuple(
-        s for s in (".lease", ".lease6") if Path(DHCPCD_DB, f"{nic}{s}").exists() and stem
-    )
+    leases = tuple(s for s in _FAMILIES[family] if stem and Path(DHCPCD_DB, f"{nic}{s}").exists())
     return DhcpcdView(
         nic=nic,
         pid=pid,
-        title=title,
+        title=_title(pid),
         family=family,
         unit=unit,
-        transient=bool(props.get("Transient", False)),
-        unit_file_state=str(props.get("UnitFileState", "")),
-        argv=tuple(props.get("argv", ())),
+        transient=props.transient,
+        unit_file_state=props.unit_file_state,
+        argv=props.argv,
         control=str(control) if control.exists() else "",
         leases=leases,
         conf_blocks=_interface_blocks(Path(DHCPCD_CONF), nic),
         why_unknown=why,
+        with_systemd=_same_netns(1),
     )
 
 
@@ -166,8 +167,9 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _ours(pid: int) -> bool:
-    """In this network namespace (a container's dhcpcd is not ours to move)."""
+def _same_netns(pid: int) -> bool:
+    """`pid` shares our network namespace (for pid 1, systemd: a unit it starts runs in its
+    namespace unless the unit says otherwise, and the transient unit of ours says nothing)."""
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
     except OSError:
@@ -206,115 +208,74 @@ def _interface_blocks(conf: Path, nic: str) -> tuple[str, ...]:
     )
 
 
-# -- systemd over D-Bus ---------------------------------------------------------------------
+# -- systemd over the system bus -------------------------------------------------------------
 
 _SYSTEMD = "org.freedesktop.systemd1"
 _MANAGER = DBusAddress("/org/freedesktop/systemd1", _SYSTEMD, f"{_SYSTEMD}.Manager")
-_PROPS = "org.freedesktop.DBus.Properties"
-_PRIVATE = "unix:path=/run/systemd/private"  # systemd's own socket, root only, no bus daemon
-_SYSTEM_BUS = "/run/dbus/system_bus_socket"
-_BUS_TIMEOUT = 5.0
 
 
-class _Systemd:
-    """A connection to systemd: over the system bus where its socket exists, else over
-    systemd's private socket (root only, no bus daemon needed). In booted labs, new private
-    connections opened just as systemd reaped a stopped dhcpcd went unanswered for 5 to 10 s
-    (2 of 6 hand-overs); the system bus answered every time (12 of 12)."""
-
-    def __init__(self) -> None:
-        self.conn: DBusConnectionBase | DBusConnection
-        if os.path.exists(_SYSTEM_BUS):
-            self.conn = open_dbus_connection(bus="SYSTEM", auth_timeout=_BUS_TIMEOUT)
-            return
-        addr = next(get_connectable_addresses(_PRIVATE))
-        self.conn = DBusConnectionBase(prep_socket(addr, False, timeout=_BUS_TIMEOUT))
-
-    def __enter__(self) -> _Systemd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
-
-    def call(self, where: DBusAddress, method: str, sig: str = "", *args: Any) -> Any:
-        msg = new_method_call(where, method, sig or None, args)
-        reply = self._send_and_get_reply(msg)
-        if reply.header.message_type is MessageType.error:
-            raise DhcpcdError(f"systemd {method}: {' '.join(map(str, reply.body))}")
-        return reply.body
-
-    def _send_and_get_reply(self, msg: Any) -> Any:
-        if isinstance(self.conn, DBusConnection):
-            return self.conn.send_and_get_reply(msg, timeout=_BUS_TIMEOUT)
-        # The private socket is peer to peer: no Hello, replies matched by serial here.
-        conn = self.conn
-        serial = next(conn.outgoing_serial)
-        data, _ = conn._serialise(msg, serial)
-        conn.sock.sendall(data)
-        deadline = time.monotonic() + _BUS_TIMEOUT
-        while True:
-            reply = conn._receive(deadline)
-            if reply.header.fields.get(5) == serial:  # HeaderFields.reply_serial
-                return reply
-
-    def prop(self, path: str, interface: str, name: str) -> Any:
-        where = DBusAddress(path, _SYSTEMD, _PROPS)
-        return self.call(where, "Get", "ss", interface, name)[0][1]
-
-    def unit_path(self, unit: str) -> str | None:
-        try:
-            return str(self.call(_MANAGER, "GetUnit", "s", unit)[0])
-        except DhcpcdError:
-            return None  # not loaded
-
-    def active(self, unit: str) -> str:
-        path = self.unit_path(unit)
-        return (
-            "inactive" if path is None else str(self.prop(path, f"{_SYSTEMD}.Unit", "ActiveState"))
-        )
-
-    def reset_failed(self, unit: str) -> None:
-        with contextlib.suppress(DhcpcdError):  # not failed, or not loaded: nothing to reset
-            self.call(_MANAGER, "ResetFailedUnit", "s", unit)
-
-    def start_transient(self, unit: str, argv: tuple[str, ...], netns_path: str) -> None:
-        props: list[tuple[str, tuple[str, Any]]] = [
-            ("Description", ("s", " ".join(argv))),
-            ("ExecStart", ("a(sasb)", [(argv[0], list(argv), False)])),
-        ]
-        if netns_path:
-            props.append(("NetworkNamespacePath", ("s", netns_path)))
-        self.call(_MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail", props, [])
+@dataclass(frozen=True)
+class _UnitProps:
+    transient: bool = False
+    unit_file_state: str = ""
+    argv: tuple[str, ...] = ()
 
 
-def _unit_props(unit: str) -> tuple[dict[str, Any], str]:
+def _unit_props(unit: str) -> tuple[_UnitProps, str]:
+    if not socket_exists():
+        return _UnitProps(), "there is no system bus to ask systemd about it"
     try:
-        with _Systemd() as sd:
-            path = sd.unit_path(unit)
+        with system_bus() as conn:
+            path = _unit_path(conn, unit)
             if path is None:
-                return {}, f"systemd does not know {unit}"
-            props: dict[str, Any] = {
-                "Transient": sd.prop(path, f"{_SYSTEMD}.Unit", "Transient"),
-                "UnitFileState": sd.prop(path, f"{_SYSTEMD}.Unit", "UnitFileState"),
-            }
+                return _UnitProps(), f"systemd does not know {unit}"
+            argv: tuple[str, ...] = ()
             if unit.endswith(".service"):
-                starts = sd.prop(path, f"{_SYSTEMD}.Service", "ExecStart")
+                starts = prop(conn, _SYSTEMD, path, f"{_SYSTEMD}.Service", "ExecStart")
                 if len(starts) == 1:  # (path, argv, ignore_errors, times..., pid, code, status)
-                    props["argv"] = tuple(starts[0][1])
-    except (OSError, TimeoutError, DhcpcdError) as e:
-        return {}, f"systemd could not be asked about {unit} ({e})"
-    return props, ""
+                    argv = tuple(starts[0][1])
+            return _UnitProps(
+                bool(prop(conn, _SYSTEMD, path, f"{_SYSTEMD}.Unit", "Transient")),
+                str(prop(conn, _SYSTEMD, path, f"{_SYSTEMD}.Unit", "UnitFileState")),
+                argv,
+            ), ""
+    except BusError as e:
+        return _UnitProps(), f"systemd could not be asked about {unit} ({e})"
+
+
+def _unit_path(conn: DBusConnection, unit: str) -> str | None:
+    try:
+        return str(call(conn, _MANAGER, "GetUnit", "s", unit)[0])
+    except BusError:
+        return None  # not loaded
+
+
+def _active(conn: DBusConnection, unit: str) -> str:
+    path = _unit_path(conn, unit)
+    if path is None:
+        return "inactive"
+    return str(prop(conn, _SYSTEMD, path, f"{_SYSTEMD}.Unit", "ActiveState"))
+
+
+def _start_transient(conn: DBusConnection, unit: str, argv: tuple[str, ...]) -> None:
+    with contextlib.suppress(BusError):  # not failed, or not loaded: nothing to reset
+        call(conn, _MANAGER, "ResetFailedUnit", "s", unit)
+    props = [
+        ("Description", ("s", " ".join(argv))),
+        ("ExecStart", ("a(sasb)", [(argv[0], list(argv), False)])),
+    ]
+    call(conn, _MANAGER, "StartTransientUnit", "ssa(sv)a(sa(sv))", unit, "fail", props, [])
 
 
 # -- planning (pure) ------------------------------------------------------------------------
 
 
-def dhcpcd_plan(
-    view: DhcpcdView, state: HostState, bridge: str, netns_path: str = ""
-) -> DhcpcdAdoption | DhcpcdRefusal:
-    refusal = _dhcpcd_refusal(view, bridge, state.nic.mac)
-    if refusal is not None:
-        return refusal
+def dhcpcd_plan(view: DhcpcdView, state: HostState, bridge: str) -> DhcpcdAdoption | str:
+    """The adoption, or why dhcpcd cannot be handed over (and what to do first). The view may
+    come from a record: what it names is checked before anything is built from it."""
+    why = _implausible(view, state) or _dhcpcd_refusal(view, bridge, state.nic.mac)
+    if why:
+        return why
     nic = view.nic
     argv = _on_bridge(view.argv, nic, bridge, _iaid(state.nic.mac), _metric(view.argv, state))
     return DhcpcdAdoption(
@@ -325,54 +286,87 @@ def dhcpcd_plan(
         argv_bridge=argv,
         family=view.family,
         leases=view.leases,
-        netns_path=netns_path,
     )
 
 
-def _dhcpcd_refusal(view: DhcpcdView, bridge: str, mac: str) -> DhcpcdRefusal | None:
+def _implausible(view: DhcpcdView, state: HostState) -> str:
+    """Why the view is not one dhcpcd_read makes for this host ('' if it is): the adoption
+    starts its command line as root and writes lease files under names built from it."""
+    if view.nic != state.nic.name:
+        return f"the view of dhcpcd is of {view.nic}, not {state.nic.name}"
+    if view.family not in _FAMILIES:
+        return f"{view.family!r} is not a dhcpcd address family option"
+    if not set(view.leases) <= set(_FAMILIES[view.family]):
+        return f"lease files {view.leases} are not dhcpcd's for {view.family or 'both families'}"
+    stem = f"{view.nic}{view.family}." if not view.master else ""
+    if view.control not in ("", f"{DHCPCD_RUN}/{stem}sock"):
+        return f"{view.control} is not dhcpcd's control socket for {view.nic}"
+    if view.unit and not (_UNIT.fullmatch(view.unit) or view.unit.endswith(".scope")):
+        return f"{view.unit!r} is not a systemd service name"
+    if view.argv and not _is_dhcpcd(view.argv):
+        return f"`{' '.join(view.argv)}` is not a command line of dhcpcd"
+    return ""
+
+
+def _is_dhcpcd(argv: tuple[str, ...]) -> bool:
+    program = PurePosixPath(argv[0])
+    return (
+        program.is_absolute()
+        and program.name == "dhcpcd"
+        and not any(c in w for w in argv for c in "\0\n")
+    )
+
+
+def _dhcpcd_refusal(view: DhcpcdView, bridge: str, mac: str) -> str:
     nic, line = view.nic, view.title or f"pid {view.pid}"
     by_hand = (
-        f"stop it without a release (`dhcpcd -x -p {nic}` sent over its control socket, or "
-        f"`persistent` in dhcpcd.conf and SIGTERM), then run it on {bridge} (which takes "
-        f"{nic}'s MAC, {mac}) with `--iaid {_iaid(mac)}` and {nic}'s lease file copied to "
-        f"{DHCPCD_DB}/{bridge}.lease"
+        f"by hand: stop it without a release (`persistent` in {DHCPCD_CONF}, then `dhcpcd -x "
+        f"{nic}`), copy {DHCPCD_DB}/{nic}.lease to {bridge}.lease, and run it on {bridge} with "
+        f"`--iaid {_iaid(mac)}`"
     )
+    if view.pid == 0:
+        return (
+            f"no dhcpcd pid file under {DHCPCD_RUN} names {nic} (dhcpcd 9 keeps its files "
+            f"there; an older one does not){'; ' + by_hand}"
+        )
     if view.master:
-        return DhcpcdRefusal(
+        return (
             f"dhcpcd serves every interface ({line}): it would take {bridge} as soon as it "
-            f"appears, with {nic}'s IAID, and configures {nic} again at every start",
-            f"add `denyinterfaces {nic}` to {DHCPCD_CONF}, make {bridge} at boot with a "
-            f"manager that can (systemd-networkd, ifupdown's bridge_ports), and let dhcpcd "
-            f"serve {bridge}",
+            f"appears, with {nic}'s IAID, and configures {nic} again at every start; first add "
+            f"`denyinterfaces {nic}` to {DHCPCD_CONF} and make {bridge} at boot with a manager "
+            f"that can (systemd-networkd, ifupdown's bridge_ports), then let dhcpcd serve {bridge}"
         )
     if not view.unit.endswith(".service") or not view.argv:
         why = view.why_unknown or f"{view.unit} keeps no single ExecStart"
-        return DhcpcdRefusal(
+        return (
             f"the command line of dhcpcd on {nic} ({line}) is unknown: dhcpcd rewrites its "
-            f"process title, and {why}",
-            by_hand,
+            f"process title, and {why}; {by_hand}"
         )
     if not view.transient:
-        return DhcpcdRefusal(
+        return (
             f"{view.unit} ({view.unit_file_state or 'a unit file'}) starts dhcpcd on {nic} "
-            f"again at the next boot, where nothing makes {bridge}",
-            f"make {bridge} at boot with a manager that can (systemd-networkd, ifupdown's "
-            f"bridge_ports), point {view.unit} at {bridge} (ExecStart= … {bridge}), then "
-            + by_hand,
+            f"again at the next boot, where nothing makes {bridge}; first make {bridge} at boot "
+            f"with a manager that can (systemd-networkd, ifupdown's bridge_ports) and point "
+            f"{view.unit} at {bridge}"
+        )
+    if nic not in view.argv[1:]:
+        return f"the command line of dhcpcd (`{' '.join(view.argv)}`) does not name {nic}"
+    if not view.with_systemd:
+        return (
+            f"systemd runs in another network namespace than dhcpcd on {nic}: a unit it "
+            f"starts would run dhcpcd there; {by_hand}"
         )
     if not view.control:
-        return DhcpcdRefusal(
+        return (
             f"dhcpcd on {nic} ({line}) has no control socket under {DHCPCD_RUN}: it cannot be "
-            "stopped without it removing its addresses (or releasing its lease)",
-            by_hand,
+            f"stopped without removing its addresses (or releasing its lease); {by_hand}"
         )
     if view.conf_blocks:
-        return DhcpcdRefusal(
-            f"{', '.join(view.conf_blocks)}: `interface {nic}` options would not follow "
-            f"dhcpcd onto {bridge}",
-            f"copy that block as `interface {bridge}` in {DHCPCD_CONF}, then " + by_hand,
+        return (
+            f"{', '.join(view.conf_blocks)}: `interface {nic}` options would not follow dhcpcd "
+            f"onto {bridge}; first copy that block as `interface {bridge}` in {DHCPCD_CONF}"
         )
-    return None
+    return ""
 
 
 def _iaid(mac: str) -> str:
@@ -390,9 +384,6 @@ def _metric(argv: tuple[str, ...], state: HostState) -> int | None:
     return mine[0] if mine else _DHCPCD_METRIC_BASE + state.nic.index
 
 
-_DHCPCD_PROTOS = (_RTPROT_RA, _RTPROT_DHCP)
-
-
 def _on_bridge(
     argv: tuple[str, ...], nic: str, bridge: str, iaid: str, metric: int | None
 ) -> tuple[str, ...]:
@@ -406,9 +397,9 @@ def _on_bridge(
     return (argv[0], *pinned, *rest)
 
 
-def dhcpcd_notes(a: DhcpcdAdoption) -> list[str]:
+def dhcpcd_notes(a: DhcpcdAdoption) -> tuple[str, ...]:
     """For `plan`: what the hand-over does, and what a reboot does."""
-    return [
+    return (
         f"dhcpcd on {a.nic} ({a.unit}): stopped without a release, its addresses and routes "
         f"left to the move; started on {a.bridge} as `{' '.join(a.argv_bridge)}` in {a.unit}, "
         f"with {a.nic}'s lease, DUID and IAID: it rebinds the same addresses",
@@ -416,55 +407,52 @@ def dhcpcd_notes(a: DhcpcdAdoption) -> list[str]:
         f"host comes up on the bare {a.nic} without addresses; start it by hand "
         f"(`{' '.join(a.argv_nic)}`), or make {a.bridge} and its DHCP client persistent "
         "(systemd-networkd, ifupdown)",
-    ]
+    )
 
 
 # -- executing (side effects, bounded, idempotent) ------------------------------------------
 
 
-def dhcpcd_adopt(a: DhcpcdAdoption, deadline: float) -> None:
+def dhcpcd_adopt(a: DhcpcdAdoption, until: float) -> None:
     """NIC -> bridge. The dead man may find it half done: each step checks before it acts.
-    systemd is connected to before dhcpcd stops: a connection opened while systemd reaps the
-    stopped client was seen to go unanswered for up to 10 s."""
-    with _systemd() as sd:
-        _stop(a.nic, a.family, deadline)
-        _carry_leases(a.nic, a.bridge, a.leases)
-        _start(sd, a.unit, a.bridge, a.family, a.argv_bridge, a.netns_path, deadline)
-
-
-def dhcpcd_readopt(a: DhcpcdAdoption, deadline: float) -> None:
-    """bridge -> NIC, with the lease as renewed meanwhile. Also when adopt never ran."""
-    with _systemd() as sd:
-        _stop(a.bridge, a.family, deadline)
-        _carry_leases(a.bridge, a.nic, a.leases)
-        for suffix in a.leases:
-            with contextlib.suppress(FileNotFoundError):
-                Path(DHCPCD_DB, f"{a.bridge}{suffix}").unlink()
-        _start(sd, a.unit, a.nic, a.family, a.argv_nic, a.netns_path, deadline)
-
-
-def _systemd() -> _Systemd:
+    The bus is connected to before dhcpcd stops: a connection opened to systemd while it reaps
+    the stopped client was seen to go unanswered for seconds."""
     try:
-        return _Systemd()
-    except (OSError, TimeoutError) as e:
-        raise DhcpcdError(f"systemd cannot be reached over D-Bus: {e}") from None
+        with system_bus() as conn:
+            _stop(a.nic, a.family, until)
+            _carry_leases(a.nic, a.bridge, a.leases)
+            _start(conn, a.unit, a.bridge, a.family, a.argv_bridge, until)
+    except BusError as e:
+        raise DhcpcdError(f"dhcpcd on {a.bridge} in {a.unit}: {e}") from e
+
+
+def dhcpcd_readopt(a: DhcpcdAdoption, until: float) -> None:
+    """bridge -> NIC, with the lease as renewed meanwhile. Also when adopt never ran (the
+    bridge's client is not running, and the NIC's lease is the newer one: nothing is carried),
+    and after a reboot (nothing runs: the NIC's client is started again)."""
+    try:
+        with system_bus() as conn:
+            _stop(a.bridge, a.family, until)
+            _carry_leases(a.bridge, a.nic, a.leases)
+            for suffix in a.leases:
+                with contextlib.suppress(FileNotFoundError):
+                    Path(DHCPCD_DB, f"{a.bridge}{suffix}").unlink()
+            _start(conn, a.unit, a.nic, a.family, a.argv_nic, until)
+    except BusError as e:
+        raise DhcpcdError(f"dhcpcd on {a.nic} in {a.unit}: {e}") from e
 
 
 def _running(ifname: str, family: str) -> int | None:
     return _pidfile(Path(DHCPCD_RUN, f"{ifname}{family}.pid"))
 
 
-def _stop(ifname: str, family: str, deadline: float) -> None:
+def _stop(ifname: str, family: str, until: float) -> None:
     """Exit, persistent: no RELEASE, addresses and routes stay (dhcpcd.conf notwithstanding)."""
     pid = _running(ifname, family)
     if pid is None:
         return  # not running (the rollback deleted its bridge, or it was stopped already)
-    control = Path(DHCPCD_RUN, f"{ifname}{family}.sock")
-    _control(control, ["-x", "-p", ifname])
-    while _comm(pid) == "dhcpcd":
-        if time.monotonic() > deadline:
-            raise DhcpcdError(f"dhcpcd on {ifname} (pid {pid}) did not exit after `-x -p`")
-        time.sleep(_POLL)
+    _control(Path(DHCPCD_RUN, f"{ifname}{family}.sock"), ["-x", "-p", ifname])
+    _wait(lambda: _comm(pid) != "dhcpcd", until, f"dhcpcd on {ifname} (pid {pid}) to exit")
 
 
 def _control(path: Path, words: list[str]) -> None:
@@ -479,10 +467,16 @@ def _control(path: Path, words: list[str]) -> None:
 
 
 def _carry_leases(src: str, dst: str, suffixes: tuple[str, ...]) -> None:
-    """Copy src's lease files to dst's names (atomically: a dhcpcd reads them at start)."""
+    """Copy src's lease files to dst's names where they are newer (the adoption's copy when the
+    rollback never got to run, a lease a client renewed since), atomically: dhcpcd reads them
+    at start."""
     for suffix in suffixes:
         source, target = Path(DHCPCD_DB, f"{src}{suffix}"), Path(DHCPCD_DB, f"{dst}{suffix}")
-        if not source.exists():
+        try:
+            newer = source.stat().st_mtime > _mtime(target)
+        except FileNotFoundError:
+            continue
+        if not newer:
             continue
         temp = target.with_name(f".{target.name}.bridge-migrate")
         shutil.copy2(source, temp)
@@ -491,37 +485,40 @@ def _carry_leases(src: str, dst: str, suffixes: tuple[str, ...]) -> None:
         os.replace(temp, target)
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("-inf")
+
+
 def _start(
-    sd: _Systemd,
+    conn: DBusConnection,
     unit: str,
     ifname: str,
     family: str,
     argv: tuple[str, ...],
-    netns: str,
-    deadline: float,
+    until: float,
 ) -> None:
     """Start dhcpcd on ifname in `unit`, unless it runs there already; wait until it is bound."""
     if _running(ifname, family) is not None:
         return
-    try:
-        _wait(lambda: sd.active(unit) not in _BUSY, deadline, f"{unit} to stop")
-        sd.reset_failed(unit)
-        sd.start_transient(unit, argv, netns)
-    except TimeoutError:
-        raise DhcpcdError(f"systemd did not answer about {unit} in {_BUS_TIMEOUT} s") from None
+    _wait(lambda: _active(conn, unit) not in _BUSY, until, f"{unit} to stop")
+    started = time.time()
+    _start_transient(conn, unit, argv)
     control = Path(DHCPCD_RUN, f"{ifname}{family}.sock")
-    _wait(control.exists, deadline, f"dhcpcd on {ifname} to open {control}")
-    if family != "-6" and Path(DHCPCD_DB, f"{ifname}.lease").exists():
+    _wait(control.exists, until, f"dhcpcd on {ifname} to open {control}")
+    lease = Path(DHCPCD_DB, f"{ifname}.lease")
+    if family != "-6" and lease.exists():
         # Bound: dhcpcd rewrites the lease file when the server acknowledged it.
-        lease, started = Path(DHCPCD_DB, f"{ifname}.lease"), time.time()
-        _wait(lambda: lease.stat().st_mtime >= started - 1, deadline, f"a lease on {ifname}")
+        _wait(lambda: _mtime(lease) >= started - 1, until, f"a lease on {ifname}")
 
 
 _BUSY = ("active", "activating", "deactivating", "reloading")
 
 
-def _wait(done: Callable[[], bool], deadline: float, what: str) -> None:
+def _wait(done: Callable[[], bool], until: float, what: str) -> None:
     while not done():
-        if time.monotonic() > deadline:
+        if time.monotonic() > until:
             raise DhcpcdError(f"timed out waiting for {what}")
         time.sleep(_POLL)
