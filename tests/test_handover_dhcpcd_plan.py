@@ -146,7 +146,7 @@ def test_a_crafted_view_is_refused(change: dict[str, object], reason: str) -> No
         ),
         (
             dict(transient=False, unit="dhcpcd.service", unit_file_state="enabled"),
-            "again at the next boot",
+            "starts dhcpcd on eth0 again (at the next boot",
             "point dhcpcd.service at br0",
         ),
         (
