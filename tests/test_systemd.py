@@ -21,10 +21,10 @@ from bridge_migrate.failpoints import KILL_AT_ENV
 from bridge_migrate.record import Store, Transaction
 from bridge_migrate_testlab.systemd import Bind, BootedLab, BootSpec
 from hostview import HostView, assert_unchanged, read_view
+from installed import installed_units
 
 pytestmark = pytest.mark.root
 
-ROOT = Path(__file__).resolve().parent.parent
 AGENT = str(Path(sys.executable).with_name("bridge-migrate"))
 STATE = "/var/lib/bridge-migrate"
 TIMEOUT = 2.0
@@ -49,15 +49,7 @@ ip -4 route show default | grep -q . && exit 0; sleep 0.05; done; exit 1'
 
 
 def _units() -> dict[str, str]:
-    units = {p.name: p.read_text().replace("@BIN@", AGENT) for p in (ROOT / "units").iterdir()}
-    # The units' PrivateTmp= hides /tmp, where a CI checkout (and so the agent) may live; the
-    # "bridge-migrate-" prefix also reaches the transient units the agent starts.
-    checkout = f"[Service]\nBindReadOnlyPaths={ROOT}\n"
-    drop_ins = {
-        f"{name}.d/checkout.conf": checkout
-        for name in ("bridge-migrate.service", "bridge-migrate-.service")
-    }
-    return {**units, **drop_ins, "lab-network.service": LAB_NETWORK}
+    return {**installed_units(), "lab-network.service": LAB_NETWORK}
 
 
 class Host:

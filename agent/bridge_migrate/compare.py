@@ -32,20 +32,20 @@ LIFETIME_SLACK = 2  # seconds: lifetimes tick while we work
 
 
 def differences(
-    expected: HostState, actual: HostState, age: float = 0.0, *, learned_may_go: bool = False
+    expected: HostState, actual: HostState, age: float = 0.0, *, managed: bool = False
 ) -> tuple[str, ...]:
     """Human-readable lines, one per difference; empty when the states agree.
 
     `age`: seconds between the two readings, by which finite lifetimes may have run down.
-    `learned_may_go`: learned neighbour entries may be missing (a manager that configured the
-    device again may have flushed them).
+    `managed`: a manager configured the devices again in between: it may have renewed leases
+    (finite lifetimes need only be finite) and flushed learned neighbour entries.
     """
     return (
         *_link_differences(expected.nic, actual.nic),
         *_bridge_differences(expected.bridge, actual.bridge),
-        *_address_differences(expected, actual, age),
+        *_address_differences(expected, actual, None if managed else age),
         *_route_differences(expected, actual, age),
-        *_neighbour_differences(expected, actual, learned_may_go),
+        *_neighbour_differences(expected, actual, managed),
         *_rule_differences(expected, actual),
         *_sysctl_differences(expected, actual),
         *_firewall_differences(expected, actual),
@@ -74,7 +74,9 @@ def _bridge_differences(want: Link | None, have: Link | None) -> Iterable[str]:
         yield from _link_differences(want, have)
 
 
-def _address_differences(expected: HostState, actual: HostState, age: float) -> Iterable[str]:
+def _address_differences(
+    expected: HostState, actual: HostState, age: float | None
+) -> Iterable[str]:
     devices = {d for d, _ in expected.addresses} | {d for d, _ in actual.addresses}
     for dev in sorted(devices):
         for family, name in ((2, "IPv4"), (10, "IPv6")):
@@ -84,7 +86,7 @@ def _address_differences(expected: HostState, actual: HostState, age: float) -> 
 
 
 def _address_list_differences(
-    dev: str, family: str, want: list[Address], have: list[Address], age: float
+    dev: str, family: str, want: list[Address], have: list[Address], age: float | None
 ) -> Iterable[str]:
     # The kernel makes an IPv6 link-local address of its own on every device as it comes up
     # (a re-created bridge gets it a moment after its port): neither there nor missing counts.
@@ -107,7 +109,7 @@ def _address_list_differences(
         yield f"{dev}: {family} order is {' '.join(common_have)}, expected {' '.join(common_want)}"
 
 
-def _address_field_differences(want: Address, have: Address, age: float) -> Iterable[str]:
+def _address_field_differences(want: Address, have: Address, age: float | None) -> Iterable[str]:
     for what, w, h in (
         ("prefix length", want.prefixlen, have.prefixlen),
         ("scope", want.scope, have.scope),
@@ -126,9 +128,12 @@ def _address_field_differences(want: Address, have: Address, age: float) -> Iter
             yield f"{what} is {h}, expected {w}"
 
 
-def _lifetime_matches(want: int, have: int, age: float) -> bool:
+def _lifetime_matches(want: int, have: int, age: float | None) -> bool:
+    """`age` None: renewed by a manager since, so any finite lifetime will do."""
     if FOREVER in (want, have):
         return want == have
+    if age is None:
+        return True
     return want - age - LIFETIME_SLACK <= have <= want + LIFETIME_SLACK
 
 
@@ -182,13 +187,11 @@ def _sysctl_differences(expected: HostState, actual: HostState) -> Iterable[str]
             yield f"{s.path} is {value}, expected {s.value}"
 
 
-def _neighbour_differences(
-    expected: HostState, actual: HostState, learned_may_go: bool
-) -> Iterable[str]:
+def _neighbour_differences(expected: HostState, actual: HostState, managed: bool) -> Iterable[str]:
     have = {(n.dev, n.dst, n.is_proxy): n for n in actual.neighbours}
     for n in expected.neighbours:
         h = have.get((n.dev, n.dst, n.is_proxy))
-        if h is None and learned_may_go and not (n.is_static or n.is_proxy):
+        if h is None and managed and not (n.is_static or n.is_proxy):
             continue
         if h is None:
             yield f"neighbour {n} is missing"

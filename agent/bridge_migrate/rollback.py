@@ -9,14 +9,14 @@ from the record after the agent died at an unknown point.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import assert_never
 
 from pyroute2 import IPRoute
 
 from .batch import BatchResult, Outcome, send_batch
 from .compare import differences
-from .model import HostState
+from .model import FOREVER, HostState
 from .plan import (
     AddAddress,
     AddNeighbour,
@@ -59,6 +59,8 @@ def restore(
     ipr: IPRoute, plan: Plan, snapshot: HostState, done: tuple[Step, ...], age: float
 ) -> RestoreResult:
     undo = managers_around(on_link_first([s.undo for s in reversed(done)]))
+    if any(isinstance(op, Readopt) for op in undo):
+        undo = _as_renewed(undo, read_host(ipr, plan.nic, plan.bridge), age)
     outcomes: list[Outcome] = []
     seconds = 0.0
     # A bridge that `undo` deleted comes back first, alone: the inverses after it name it.
@@ -73,7 +75,27 @@ def restore(
     failures = tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
     actual = read_host(ipr, plan.nic, plan.bridge)
     told = any(isinstance(op, Readopt) for op in undo)
-    return RestoreResult(result, failures, differences(snapshot, actual, age, learned_may_go=told))
+    return RestoreResult(result, failures, differences(snapshot, actual, age, managed=told))
+
+
+def _as_renewed(ops: list[Op], now: HostState, age: float) -> list[Op]:
+    """A leased address goes back with the lifetimes its manager renewed it to since (it may
+    have held it for many leases), not with the snapshot's, which may have run out.
+    `age` is added back, as the encoder takes it off every lifetime."""
+    held = {(a.family, a.address, a.prefixlen): a for _, a in now.addresses if a.finite}
+
+    def renewed(op: Op) -> Op:
+        if not isinstance(op, AddAddress) or not op.address.finite:
+            return op
+        live = held.get((op.address.family, op.address.address, op.address.prefixlen))
+        if live is None:
+            return op
+        valid = min(FOREVER - 1, live.valid_lft + int(age))
+        preferred = min(FOREVER - 1, live.preferred_lft + int(age))
+        address = replace(op.address, valid_lft=valid, preferred_lft=preferred)
+        return replace(op, address=address)
+
+    return [renewed(op) for op in ops]
 
 
 def managers_around(ops: list[Op]) -> list[Op]:

@@ -6,7 +6,8 @@ tests/test_units.py holds the installed units to it, so that they cannot drift a
 What stays open is what the agent uses: netlink with CAP_NET_ADMIN (links, addresses, routes,
 and nftables through libnftables in process); for the apply's probes CAP_NET_RAW with packet,
 raw and TCP sockets; /proc/sys/net, for the IPv6 per-device settings that have no netlink way in;
-systemd's private socket and the journal (AF_UNIX), to arm and disarm the dead man and to log.
+the network managers' files (MANAGED_PATHS) and the system bus, for the hand-over; systemd's
+private socket and the journal (AF_UNIX), to arm and disarm the dead man and to log.
 Both roles run as root: the record is root's, and netlink on the host's namespace needs the
 capabilities of its owner.
 """
@@ -14,6 +15,22 @@ capabilities of its owner.
 from __future__ import annotations
 
 from pathlib import Path
+
+# Where the managers keep what a hand-over changes: their configuration, their runtime state
+# (netplan generates into /run), their DHCP clients' leases.
+MANAGED_PATHS = (
+    "/etc/systemd/network",
+    "/run/systemd/network",
+    "/etc/netplan",
+    "/etc/NetworkManager",
+    "/run/NetworkManager",
+    "/etc/network",
+    "/run/network",
+    "/var/lib/dhcp",
+    "/var/lib/dhcpcd",
+    "/run/dhcpcd",
+    "/etc/cloud/cloud.cfg.d",
+)
 
 HARDENING: tuple[str, ...] = (
     "NoNewPrivileges=yes",
@@ -27,6 +44,9 @@ HARDENING: tuple[str, ...] = (
     # ... except the network's per-device settings, which the bridge gets from the NIC (IPv6
     # ones have no netlink way in).
     "ReadWritePaths=/proc/sys/net",
+    # ... and the network managers' own files, which the hand-over rewrites and the rollback
+    # (the dead man's too) restores: "-" for those this host does not have.
+    "ReadWritePaths=" + " ".join(f"-{d}" for d in MANAGED_PATHS),
     "ProtectKernelModules=yes",
     "ProtectKernelLogs=yes",
     "ProtectControlGroups=yes",
