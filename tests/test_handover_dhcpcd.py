@@ -1,7 +1,8 @@
 """dhcpcd's hand-over, what is its own (the generic lifecycle is tests/test_handover.py's):
 refused before any change where dhcpcd cannot be handed over (it serves every interface, a unit
 file starts it at boot, dhcpcd.conf has options for eth0 alone), and an agent killed before or
-after dhcpcd moved: the rollback from the record gives eth0 its dhcpcd back, with the lease."""
+after dhcpcd moved: the dead man's rollback from the record, in the installed units' sandbox,
+gives eth0 its dhcpcd back, with the lease."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from bridge_migrate.contract import ExitCode
+from bridge_migrate import handover
+from bridge_migrate.contract import GRACE, ExitCode, Phase
 from bridge_migrate.failpoints import KILL_AT_ENV
+from bridge_migrate.record import Store
 from bridge_migrate_testlab.managed import ManagedRow, booted_lab, configured, global_addresses, row
 from bridge_migrate_testlab.systemd import BootedLab
 from hostview import assert_unchanged, read_view
+from installed import installed_units
 
 pytestmark = pytest.mark.root
 
@@ -49,8 +53,10 @@ REFUSED = [
     pytest.param(
         _refused_row(
             "dhcpcd-master",
-            after_boot=("systemd-run", "--unit=lab-dhcpcd", "--", "dhcpcd", "-B"),
-            source="dhcpcd: [master]",
+            # --nodev: no udev runs in the lab, and dhcpcd serving every interface waits for
+            # udev to announce them.
+            after_boot=("systemd-run", "--unit=lab-dhcpcd", "--", "dhcpcd", "-B", "--nodev"),
+            source="dhcpcd: [manager]",
         ),
         "dhcpcd serves every interface",
         "denyinterfaces eth0",
@@ -106,27 +112,35 @@ def test_refused_before_any_change(r: ManagedRow, reason: str, first: str) -> No
 
 
 # Killed after the netlink batch and the check, before dhcpcd is told anything; and after it
-# moved to br0, before the gateway answered. `rollback` runs from the record alone, as the dead
-# man would (here by hand, before the dead man's deadline).
+# moved to br0, before the gateway answered. The dead man rolls back from the record alone, in
+# the installed units' sandbox: dhcpcd is started on eth0 again (or left there), with the lease.
 @pytest.mark.parametrize("boundary", ["verifying", "handover"])
-def test_killed_before_or_after_dhcpcd_moved_rollback_gives_it_back(boundary: str) -> None:
-    with booted_lab(DHCPCD) as booted:
+def test_dead_man_gives_dhcpcd_back_when_the_agent_dies(boundary: str) -> None:
+    timeout = 3.0
+    with booted_lab(DHCPCD, units=installed_units()) as booted:
         configured(booted, DHCPCD)
         owned = global_addresses(booted, "eth0")
-        killed = _agent(booted, "apply", "--timeout", "30", env={KILL_AT_ENV: boundary})
+        killed = _agent(booted, "apply", "--timeout", str(timeout), env={KILL_AT_ENV: boundary})
         assert killed.returncode in (137, -9), killed.stdout + killed.stderr
         moved = _exec_start(booted)
-        back = _agent(booted, "rollback")
-        assert back.returncode == ExitCode.OK, back.stdout + back.stderr
+        assert ("br0" in moved) == (boundary == "handover"), moved
+        store = Store(booted.outside(STATE))
+        deadline = time.monotonic() + timeout + GRACE + handover.WAIT + 10
+        while (tx := store.load()) is not None and tx.phase.pending:
+            assert time.monotonic() < deadline, f"still {tx.phase}: {_ours(booted)}"
+            time.sleep(0.2)
+        assert tx is not None and tx.phase == Phase.ROLLED_BACK, f"{tx}: {_ours(booted)}"
         lab = booted.lab
         lab.wait_reachable(lab.host_ns, [lab.addrs.gw_v4, lab.addrs.gw_v6], timeout=_SETTLE)
         assert global_addresses(booted, "eth0") >= owned
         assert not global_addresses(booted, "br0")
-        assert "br0" in moved if boundary == "handover" else "-B eth0" in moved, moved
         assert _exec_start(booted).endswith("-B eth0"), "dhcpcd on eth0 in its unit again"
-        assert not list(booted.host.path("/var/lib/dhcpcd").glob("br0.*")), "br0's leases"
-        time.sleep(5)  # a client that would tear eth0 down after the rollback has done so
+        assert not list(booted.outside("/var/lib/dhcpcd").glob("br0.*")), "br0's leases"
+        time.sleep(5)  # a client that would take eth0's addresses after the rollback has done so
         assert global_addresses(booted, "eth0") >= owned
+        assert booted.host.run(["systemctl", "is-active", "lab-dhcpcd.service"]).stdout.strip() == (
+            "active"
+        )
 
 
 def _exec_start(booted: BootedLab) -> str:
@@ -134,3 +148,13 @@ def _exec_start(booted: BootedLab) -> str:
     shown = booted.host.run(["systemctl", "show", "-P", "ExecStart", "lab-dhcpcd.service"])
     found = [w for w in shown.stdout.split(";") if w.strip().startswith("argv[]=")]
     return found[0].strip().removeprefix("argv[]=").strip() if found else ""
+
+
+def _ours(booted: BootedLab) -> list[str]:
+    """What the agent's units and dhcpcd's logged."""
+    return [
+        f"{e.get('_SYSTEMD_UNIT', '')}: {e.get('MESSAGE', '')}"
+        for e in booted.host.journal()
+        if e.get("_SYSTEMD_UNIT", "").startswith(("bridge-migrate", "lab-dhcpcd"))
+        and e.get("_TRANSPORT") != "syslog"
+    ]

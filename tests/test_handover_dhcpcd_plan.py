@@ -136,7 +136,7 @@ def test_a_crafted_view_is_refused(change: dict[str, object], reason: str) -> No
     [
         (
             dict(
-                title="dhcpcd: [master] [ip4] [ip6]",
+                title="dhcpcd: [manager] [ip4] [ip6]",
                 argv=("/usr/sbin/dhcpcd", "-b"),
                 control="/run/dhcpcd/sock",
                 leases=(),

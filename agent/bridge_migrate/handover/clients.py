@@ -85,7 +85,9 @@ class DhcpcdView:
 
     @property
     def master(self) -> bool:
-        return "[master]" in self.title
+        """dhcpcd 9 titles its process serving every interface "dhcpcd: [manager] [ip4] [ip6]"
+        ("[master]" before 9.3)."""
+        return "[manager]" in self.title or "[master]" in self.title
 
 
 @dataclass(frozen=True)
@@ -344,10 +346,11 @@ def _dhcpcd_refusal(view: DhcpcdView, bridge: str, mac: str) -> str:
         )
     if not view.transient:
         return (
-            f"{view.unit} ({view.unit_file_state or 'a unit file'}) starts dhcpcd on {nic} "
-            f"again at the next boot, where nothing makes {bridge}; first make {bridge} at boot "
-            f"with a manager that can (systemd-networkd, ifupdown's bridge_ports) and point "
-            f"{view.unit} at {bridge}"
+            f"{view.unit} ({view.unit_file_state or 'a unit file'}) is a unit file's: it starts "
+            f"dhcpcd on {nic} again (at the next boot, where enabled), where nothing makes "
+            f"{bridge}, and a unit of that name cannot be started on {bridge}; first make "
+            f"{bridge} at boot with a manager that can (systemd-networkd, ifupdown's "
+            f"bridge_ports) and point {view.unit} at {bridge}"
         )
     if nic not in view.argv[1:]:
         return f"the command line of dhcpcd (`{' '.join(view.argv)}`) does not name {nic}"
@@ -429,7 +432,12 @@ def dhcpcd_adopt(a: DhcpcdAdoption, until: float) -> None:
 def dhcpcd_readopt(a: DhcpcdAdoption, until: float) -> None:
     """bridge -> NIC, with the lease as renewed meanwhile. Also when adopt never ran (the
     bridge's client is not running, and the NIC's lease is the newer one: nothing is carried),
-    and after a reboot (nothing runs: the NIC's client is started again)."""
+    and after a reboot (nothing runs: the NIC's client is started again).
+
+    A client still on the NIC (adopt never ran: the agent died after the batch) is restarted
+    too: it saw the NIC become a port, dropped its lease state and re-added the address there,
+    and when the rollback takes the NIC out of the bridge it may tear its routes down and exit,
+    at a moment of its own (seen 2 times in 4, after the rollback had compared)."""
     try:
         with system_bus() as conn:
             _stop(a.bridge, a.family, until)
@@ -437,6 +445,7 @@ def dhcpcd_readopt(a: DhcpcdAdoption, until: float) -> None:
             for suffix in a.leases:
                 with contextlib.suppress(FileNotFoundError):
                     Path(DHCPCD_DB, f"{a.bridge}{suffix}").unlink()
+            _stop(a.nic, a.family, until)
             _start(conn, a.unit, a.nic, a.family, a.argv_nic, until)
     except BusError as e:
         raise DhcpcdError(f"dhcpcd on {a.nic} in {a.unit}: {e}") from e
@@ -447,12 +456,22 @@ def _running(ifname: str, family: str) -> int | None:
 
 
 def _stop(ifname: str, family: str, until: float) -> None:
-    """Exit, persistent: no RELEASE, addresses and routes stay (dhcpcd.conf notwithstanding)."""
+    """Exit, persistent: no RELEASE, addresses and routes stay (dhcpcd.conf notwithstanding).
+    One exiting on its own (its interface gone) may have closed its socket already."""
     pid = _running(ifname, family)
     if pid is None:
         return  # not running (the rollback deleted its bridge, or it was stopped already)
-    _control(Path(DHCPCD_RUN, f"{ifname}{family}.sock"), ["-x", "-p", ifname])
-    _wait(lambda: _comm(pid) != "dhcpcd", until, f"dhcpcd on {ifname} (pid {pid}) to exit")
+    what = f"dhcpcd on {ifname} (pid {pid}) to exit"
+    try:
+        _control(Path(DHCPCD_RUN, f"{ifname}{family}.sock"), ["-x", "-p", ifname])
+    except DhcpcdError as e:
+        _wait(
+            lambda: _comm(pid) != "dhcpcd", min(until, time.monotonic() + _EXITING), f"{what} ({e})"
+        )
+    _wait(lambda: _comm(pid) != "dhcpcd", until, what)
+
+
+_EXITING = 2.0  # seconds a dhcpcd whose socket is gone has to finish exiting
 
 
 def _control(path: Path, words: list[str]) -> None:
@@ -504,14 +523,17 @@ def _start(
     if _running(ifname, family) is not None:
         return
     _wait(lambda: _active(conn, unit) not in _BUSY, until, f"{unit} to stop")
-    started = time.time()
+    # Bound: dhcpcd rewrites the DHCPv4 lease file when the server acknowledged it, last in
+    # practice (its RA routes came about 0.5 s in, its DHCPv6 Confirm about 1 s in, the DHCPv4
+    # rebind about 1.7 s in). After a DHCPv6 Confirm it leaves the lease6 file as it was. The
+    # file as it was before the start: a client that exited just before may have written it.
+    lease = Path(DHCPCD_DB, f"{ifname}.lease")
+    before = _mtime(lease)
     _start_transient(conn, unit, argv)
     control = Path(DHCPCD_RUN, f"{ifname}{family}.sock")
     _wait(control.exists, until, f"dhcpcd on {ifname} to open {control}")
-    lease = Path(DHCPCD_DB, f"{ifname}.lease")
-    if family != "-6" and lease.exists():
-        # Bound: dhcpcd rewrites the lease file when the server acknowledged it.
-        _wait(lambda: _mtime(lease) >= started - 1, until, f"a lease on {ifname}")
+    if family != "-6" and before > float("-inf"):
+        _wait(lambda: _mtime(lease) > before, until, f"{lease} to be renewed")
 
 
 _BUSY = ("active", "activating", "deactivating", "reloading")
