@@ -217,8 +217,29 @@ class Readopt:
         return f"{handover.manager_of_adoption(a).value} configures {a.nic} again"
 
 
+@dataclass(frozen=True)
+class Release:
+    """The manager lets go of the bridge before the netlink inverses take it away. Not a step
+    of the plan: the rollback puts one before the files of every manager it readopts, since a
+    manager that holds its profiles in memory (NetworkManager) would make the bridge again."""
+
+    adoption: handover.Adoption
+
+    def __str__(self) -> str:
+        a = self.adoption
+        return f"{handover.manager_of_adoption(a).value} lets go of {a.bridge}"
+
+
 # Not sent over netlink: files and the daemons that read them.
-NOT_NETLINK = (RewriteFirewall, RestoreFirewall, WriteConfig, RestoreConfig, Adopt, Readopt)
+NOT_NETLINK = (
+    RewriteFirewall,
+    RestoreFirewall,
+    WriteConfig,
+    RestoreConfig,
+    Adopt,
+    Readopt,
+    Release,
+)
 
 Op = (
     CreateBridge
@@ -240,6 +261,7 @@ Op = (
     | RestoreConfig
     | Adopt
     | Readopt
+    | Release
 )
 OP_TYPES: tuple[type, ...] = (
     CreateBridge,
@@ -261,6 +283,7 @@ OP_TYPES: tuple[type, ...] = (
     RestoreConfig,
     Adopt,
     Readopt,
+    Release,
 )
 
 
@@ -288,6 +311,8 @@ class Plan:
     # files rewritten, then the managers adopting the bridge.
     views: tuple[handover.View, ...] = ()
     handover: tuple[Step, ...] = ()
+    # Once committed: the drop-ins that restore the managers' files after a restart, removed.
+    settle: tuple[FileChange, ...] = ()
 
     @property
     def source(self) -> str:
@@ -336,7 +361,12 @@ def plan_takeover(state: HostState, bridge: str, views: tuple[handover.View, ...
         batch=batch,
         views=views,
         handover=_hand_over(state, bridge, views),
+        settle=tuple(f.inverse() for f in _recover_drop_ins(views)),
     )
+
+
+def _recover_drop_ins(views: tuple[handover.View, ...]) -> tuple[FileChange, ...]:
+    return handover.recover_drop_ins({handover.manager_of(v) for v in views})
 
 
 def _hand_over(state: HostState, bridge: str, views: tuple[handover.View, ...]) -> tuple[Step, ...]:
@@ -347,7 +377,7 @@ def _hand_over(state: HostState, bridge: str, views: tuple[handover.View, ...]) 
     if refused:
         raise ValueError("; ".join(refused))  # transaction.read_plan refuses these before
     made = [p for p in planned if not isinstance(p, str)]
-    files = tuple(f for h in made for f in h.files)
+    files = (*_recover_drop_ins(views), *(f for h in made for f in h.files))
     writes = [Step(WriteConfig(files), RestoreConfig(files))] if files else []
     adopts = [Step(Adopt(h.adoption), Readopt(h.adoption)) for h in made]
     return (*writes, *adopts)

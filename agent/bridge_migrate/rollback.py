@@ -9,6 +9,7 @@ from the record after the agent died at an unknown point.
 from __future__ import annotations
 
 import errno
+import time
 from dataclasses import dataclass, replace
 from typing import assert_never
 
@@ -32,6 +33,7 @@ from .plan import (
     Op,
     Plan,
     Readopt,
+    Release,
     ReplaceRoute,
     RestoreConfig,
     RestoreFirewall,
@@ -73,9 +75,25 @@ def restore(
         seconds += sent.seconds
     result = BatchResult(tuple(outcomes), seconds)
     failures = tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
-    actual = read_host(ipr, plan.nic, plan.bridge)
     told = any(isinstance(op, Readopt) for op in undo)
-    return RestoreResult(result, failures, differences(snapshot, actual, age, managed=told))
+    return RestoreResult(result, failures, _settled(ipr, plan, snapshot, age, told))
+
+
+def _settled(
+    ipr: IPRoute, plan: Plan, snapshot: HostState, age: float, told: bool
+) -> tuple[str, ...]:
+    """The differences left. A manager told to configure the NIC again may drop what it finds
+    and acquire it anew (SLAAC and DHCPv6 take a second or two): it is given a while."""
+    deadline = time.monotonic() + (_SETTLE if told else 0.0)
+    while True:
+        actual = read_host(ipr, plan.nic, plan.bridge)
+        found = differences(snapshot, actual, age, managed=told)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.1)
+
+
+_SETTLE = 10.0  # seconds
 
 
 def _as_renewed(ops: list[Op], now: HostState, age: float) -> list[Op]:
@@ -99,12 +117,15 @@ def _as_renewed(ops: list[Op], now: HostState, age: float) -> list[Op]:
 
 
 def managers_around(ops: list[Op]) -> list[Op]:
-    """The managers' files restored first, so nothing reads the bridge's files once the
-    bridge is gone; the managers told last, once the NIC is as it was, to configure it again."""
+    """Every manager to be readopted lets go of the bridge first (one that holds its profiles
+    in memory would make the bridge again as soon as the inverses delete it); the managers'
+    files restored next, so nothing reads the bridge's files once the bridge is gone; the
+    managers told last, once the NIC is as it was, to configure it again."""
     files = [op for op in ops if isinstance(op, RestoreConfig)]
     told = [op for op in ops if isinstance(op, Readopt)]
     rest = [op for op in ops if not isinstance(op, RestoreConfig | Readopt)]
-    return [*files, *rest, *told]
+    released = [Release(op.adoption) for op in told]
+    return [*released, *files, *rest, *told]
 
 
 def _split_after_creation(ops: list[Op]) -> list[list[Op]]:
@@ -158,7 +179,7 @@ def op_devices(op: Op) -> tuple[str, ...]:
             return (op.sysctl.dev,)
         case RewriteFirewall() | RestoreFirewall():
             return ()
-        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt() | Release():
             return ()
         case _:
             assert_never(op)
@@ -181,7 +202,7 @@ def already_so(op: Op, error: int) -> bool:
             return False
         case SetSysctl() | RewriteFirewall() | RestoreFirewall():
             return False
-        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt() | Release():
             return False  # each brings its files or its daemon to a state, whatever it was
         case _:
             assert_never(op)

@@ -16,13 +16,15 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import clients, networkd
-from .files import FileChange
+from . import clients, networkd, networkmanager
+from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
-View = networkd.NetworkdView | clients.DhcpcdView
-Adoption = networkd.NetworkdAdoption | clients.DhcpcdAdoption
+View = networkd.NetworkdView | networkmanager.NetworkManagerView | clients.DhcpcdView
+Adoption = (
+    networkd.NetworkdAdoption | networkmanager.NetworkManagerAdoption | clients.DhcpcdAdoption
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,31 @@ class Reading:
     unsupported: tuple[Owner, ...]  # owners no hand-over is known for: refused by owner.py
 
 
+# The unit that configures the NIC from the manager's files at boot. While a transaction is
+# pending, a drop-in has it run `bridge-migrate recover` first: after a restart in the middle of
+# one, the manager's files are put back before the manager reads them.
+BOOT_UNITS = {
+    Manager.NETWORKD: "systemd-networkd.service",
+    Manager.NETWORKMANAGER: "NetworkManager.service",
+    Manager.IFUPDOWN: "networking.service",
+}
+RECOVER = (
+    "# Written by bridge-migrate while a transaction is pending, removed when it ends: after a\n"
+    "# restart in the middle of one, the network manager's files go back before it starts.\n"
+    "[Service]\nExecStartPre=+-bridge-migrate recover\n"
+)
+
+
+def recover_drop_ins(managers: set[Manager]) -> tuple[FileChange, ...]:
+    units = sorted({BOOT_UNITS[m] for m in managers if m in BOOT_UNITS})
+    return tuple(
+        FileChange(
+            f"/etc/systemd/system/{unit}.d/bridge-migrate-recover.conf", ABSENT, FileState(RECOVER)
+        )
+        for unit in units
+    )
+
+
 class HandoverError(Exception):
     """The manager did not take the new state (or the old one back) as it should."""
 
@@ -50,15 +77,11 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
         match owner.manager:
             case Manager.NETWORKD if not owner.generator:
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
+            case Manager.NETWORKMANAGER:
+                views.append(networkmanager.read(nic, bridge))
             case Manager.DHCPCD:
                 views.extend(clients.dhcpcd_read(nic))
-            case (
-                Manager.NETWORKD
-                | Manager.NETWORKMANAGER
-                | Manager.IFUPDOWN
-                | Manager.DHCLIENT
-                | Manager.CLOUD_INIT
-            ):
+            case Manager.NETWORKD | Manager.IFUPDOWN | Manager.DHCLIENT | Manager.CLOUD_INIT:
                 unsupported.append(owner)
             case _:
                 assert_never(owner.manager)
@@ -77,6 +100,11 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 view.nic, bridge, bridge_network, view.network_file
             )
             return Handover(Manager.NETWORKD, files, adoption)
+        case networkmanager.NetworkManagerView():
+            planned = networkmanager.plan(view, state, bridge)
+            if isinstance(planned, str):
+                return planned
+            return Handover(Manager.NETWORKMANAGER, *planned)
         case clients.DhcpcdView():
             # No file changes: a hand-started dhcpcd has none naming the NIC (its lease files
             # move with the client, in adopt and readopt, as renewed by then).
@@ -92,6 +120,8 @@ def manager_of(view: View) -> Manager:
     match view:
         case networkd.NetworkdView():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerView():
+            return Manager.NETWORKMANAGER
         case clients.DhcpcdView():
             return Manager.DHCPCD
         case _:
@@ -102,10 +132,15 @@ def manager_of_adoption(a: Adoption) -> Manager:
     match a:
         case networkd.NetworkdAdoption():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerAdoption():
+            return Manager.NETWORKMANAGER
         case clients.DhcpcdAdoption():
             return Manager.DHCPCD
         case _:
             assert_never(a)
+
+
+_ERRORS = (networkd.NetworkdError, networkmanager.NetworkManagerError, clients.DhcpcdError)
 
 
 def adopt(a: Adoption, until: float) -> None:
@@ -114,11 +149,29 @@ def adopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.adopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.adopt(a, until)
             case clients.DhcpcdAdoption():
                 clients.dhcpcd_adopt(a, until)
             case _:
                 assert_never(a)
-    except (networkd.NetworkdError, clients.DhcpcdError) as e:
+    except _ERRORS as e:
+        raise HandoverError(str(e)) from e
+
+
+def release(a: Adoption, until: float) -> None:
+    """The manager lets go of the bridge, before the rollback's netlink inverses."""
+    try:
+        match a:
+            case networkd.NetworkdAdoption():
+                pass  # networkd reads its files only when told (readopt): nothing to let go
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.release(a, until)
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_release(a, until)
+            case _:
+                assert_never(a)
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
 
 
@@ -127,9 +180,11 @@ def readopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.readopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.readopt(a, until)
             case clients.DhcpcdAdoption():
                 clients.dhcpcd_readopt(a, until)
             case _:
                 assert_never(a)
-    except (networkd.NetworkdError, clients.DhcpcdError) as e:
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e

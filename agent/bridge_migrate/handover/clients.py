@@ -429,6 +429,13 @@ def dhcpcd_adopt(a: DhcpcdAdoption, until: float) -> None:
         raise DhcpcdError(f"dhcpcd on {a.bridge} in {a.unit}: {e}") from e
 
 
+def dhcpcd_release(a: DhcpcdAdoption, until: float) -> None:
+    """Before the rollback's netlink inverses: the bridge's client exits without a release,
+    leaving its addresses to the inverses (left running, it would see them leave, drop its
+    lease state, rebind on the bridge, and tear down and exit as the bridge goes)."""
+    _stop(a.bridge, a.family, until)
+
+
 def dhcpcd_readopt(a: DhcpcdAdoption, until: float) -> None:
     """bridge -> NIC, with the lease as renewed meanwhile. Also when adopt never ran (the
     bridge's client is not running, and the NIC's lease is the newer one: nothing is carried),
