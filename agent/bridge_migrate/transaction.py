@@ -83,6 +83,10 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
         report.attach("blockers", problems)
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge, reading.views)
+    notes = _handover_notes(reading.views, state, req.bridge)
+    report.attach("handover_notes", notes)
+    for line in notes:
+        report.note(f"handover {line}")
     probes = (*gateway_probes(state, nic, req.bridge), *req.probes)
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
@@ -95,6 +99,12 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     )
     desired = simulate(state, [s.do for s in plan.steps])
     return Prepared(state, plan, desired, probes)
+
+
+def _handover_notes(views: tuple[handover.View, ...], state: HostState, bridge: str) -> list[str]:
+    """What the hand-overs do that is worth knowing before (what a reboot brings, say)."""
+    planned = [handover.plan(v, state, bridge) for v in views]
+    return [n for h in planned if not isinstance(h, str) for n in h.notes]
 
 
 def _read_managers(

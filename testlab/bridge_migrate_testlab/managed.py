@@ -47,6 +47,10 @@ class ManagedRow:
     restart: tuple[str, ...] = ()  # how its manager is restarted (systemctl restart ...)
     reload: tuple[str, ...] = ()  # and told to read its configuration again
     persist: tuple[str, ...] = ()  # directories that outlive a reboot (its files, its leases)
+    # After the hand-over, a reboot brings the host up on br0. False: the manager does not come
+    # back at boot (a client started by hand): the host boots as it would have without the
+    # migration (eth0 bare, nothing of ours enabled), and `plan` says so beforehand.
+    boots_onto_bridge: bool = True
 
     @property
     def dhcp(self) -> bool:
@@ -262,6 +266,13 @@ ROWS: tuple[ManagedRow, ...] = (
         _DYNAMIC,
         after_boot=("systemd-run", "--unit=lab-dhcpcd", "--", "dhcpcd", "-B", "eth0"),
         source="dhcpcd: eth0",  # its process title, once started
+        handed_over=True,
+        # Started by hand: restarting it is restarting its unit (on br0 once handed over);
+        # `dhcpcd -n` sends a rebind, dhcpcd reading its configuration again.
+        restart=("systemctl", "restart", "lab-dhcpcd.service"),
+        reload=("dhcpcd", "-n", "br0"),
+        persist=("/var/lib/dhcpcd",),  # its leases and DUID
+        boots_onto_bridge=False,
     ),
 )
 

@@ -16,7 +16,7 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import cloudinit, netplan, networkd, networkmanager
+from . import clients, cloudinit, netplan, networkd, networkmanager
 from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
@@ -26,12 +26,14 @@ View = (
     | networkmanager.NetworkManagerView
     | netplan.NetplanView
     | cloudinit.CloudInitView
+    | clients.DhcpcdView
 )
 Adoption = (
     networkd.NetworkdAdoption
     | networkmanager.NetworkManagerAdoption
     | netplan.NetplanAdoption
     | cloudinit.CloudInitAdoption
+    | clients.DhcpcdAdoption
 )
 
 
@@ -40,6 +42,7 @@ class Handover:
     manager: Manager
     files: tuple[FileChange, ...]
     adoption: Adoption
+    notes: tuple[str, ...] = ()  # for `plan`: what the hand-over does that is worth knowing
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,9 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
                 views.append(networkmanager.read(nic, bridge))
             case Manager.CLOUD_INIT:
                 views.append(cloudinit.read(owner.source, nic))
-            case Manager.IFUPDOWN | Manager.DHCLIENT | Manager.DHCPCD:
+            case Manager.DHCPCD:
+                views.extend(clients.dhcpcd_read(nic))
+            case Manager.IFUPDOWN | Manager.DHCLIENT:
                 unsupported.append(owner)
             case _:
                 assert_never(owner.manager)
@@ -125,6 +130,13 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 return changes
             told = cloudinit.CloudInitAdoption(view.nic, bridge)
             return Handover(Manager.CLOUD_INIT, changes, told)
+        case clients.DhcpcdView():
+            # No file changes: a hand-started dhcpcd has none naming the NIC (its lease files
+            # move with the client, in adopt and readopt, as renewed by then).
+            dhcpcd = clients.dhcpcd_plan(view, state, bridge)
+            if isinstance(dhcpcd, str):
+                return dhcpcd
+            return Handover(Manager.DHCPCD, (), dhcpcd, clients.dhcpcd_notes(dhcpcd))
         case _:
             assert_never(view)
 
@@ -137,6 +149,8 @@ def manager_of(view: View) -> Manager:
             return Manager.NETWORKMANAGER
         case cloudinit.CloudInitView():
             return Manager.CLOUD_INIT
+        case clients.DhcpcdView():
+            return Manager.DHCPCD
         case _:
             assert_never(view)
 
@@ -149,11 +163,18 @@ def manager_of_adoption(a: Adoption) -> Manager:
             return Manager.NETWORKMANAGER
         case cloudinit.CloudInitAdoption():
             return Manager.CLOUD_INIT
+        case clients.DhcpcdAdoption():
+            return Manager.DHCPCD
         case _:
             assert_never(a)
 
 
-_ERRORS = (networkd.NetworkdError, networkmanager.NetworkManagerError, netplan.NetplanError)
+_ERRORS = (
+    networkd.NetworkdError,
+    networkmanager.NetworkManagerError,
+    netplan.NetplanError,
+    clients.DhcpcdError,
+)
 
 
 def adopt(a: Adoption, until: float) -> None:
@@ -168,6 +189,8 @@ def adopt(a: Adoption, until: float) -> None:
                 netplan.adopt(a, until)
             case cloudinit.CloudInitAdoption():
                 cloudinit.adopt(a, until)
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_adopt(a, until)
             case _:
                 assert_never(a)
     except _ERRORS as e:
@@ -186,6 +209,7 @@ def restored(a: Adoption, until: float) -> None:
                 networkd.NetworkdAdoption()
                 | networkmanager.NetworkManagerAdoption()
                 | cloudinit.CloudInitAdoption()
+                | clients.DhcpcdAdoption()
             ):
                 pass  # they read their files when they start
             case _:
@@ -204,6 +228,8 @@ def release(a: Adoption, until: float) -> None:
                 networkmanager.release(a, until)
             case cloudinit.CloudInitAdoption():
                 pass  # it runs at boot only
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_release(a, until)
             case _:
                 assert_never(a)
     except _ERRORS as e:
@@ -221,6 +247,8 @@ def readopt(a: Adoption, until: float) -> None:
                 netplan.readopt(a, until)
             case cloudinit.CloudInitAdoption():
                 cloudinit.readopt(a, until)
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_readopt(a, until)
             case _:
                 assert_never(a)
     except _ERRORS as e:
