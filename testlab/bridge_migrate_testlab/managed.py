@@ -129,6 +129,15 @@ iface eth0 inet dhcp
 
 iface eth0 inet6 auto
 """
+_IFUPDOWN_RESTART = ("systemctl", "restart", "networking.service")
+# ifupdown has no reload: the bridge is taken down and brought up again from its stanzas. Run
+# as a unit of the host, so that the DHCP client ifup starts stays in the host (a command run
+# from outside would hold it in the machine's cgroup), and kept up after ifup returns.
+_IFUPDOWN_RELOAD = (
+    *("systemd-run", "--unit=lab-ifdown-ifup", "--property=Type=oneshot"),
+    *("--property=RemainAfterExit=yes", "--", "sh", "-ec", "ifdown br0; ifup br0"),
+)
+_IFUPDOWN_PERSIST = ("/etc/network", "/var/lib/dhcp")
 # What cloud-init leaves behind on an image whose datasource gave it the network (its netplan
 # file, its configuration and its run directory); cloud-init itself runs only at first boot.
 _CLOUD_CFG = "datasource_list: [NoCloud]\n"
@@ -203,6 +212,10 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/network/interfaces": (_IFUPDOWN_STATIC, 0o644)},
         requires=("networking.service",),
         source="/etc/network/interfaces",
+        handed_over=True,
+        restart=_IFUPDOWN_RESTART,
+        reload=_IFUPDOWN_RELOAD,
+        persist=_IFUPDOWN_PERSIST,
     ),
     ManagedRow(
         "ifupdown-dhcp",
@@ -211,6 +224,10 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/network/interfaces": (_IFUPDOWN_DHCP, 0o644)},
         requires=("networking.service",),
         source="/etc/network/interfaces",
+        handed_over=True,
+        restart=_IFUPDOWN_RESTART,
+        reload=_IFUPDOWN_RELOAD,
+        persist=_IFUPDOWN_PERSIST,
     ),
     ManagedRow(
         "dhcpcd",

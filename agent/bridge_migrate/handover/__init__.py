@@ -16,13 +16,13 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import networkd
+from . import clients, ifupdown, networkd
 from .files import FileChange
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
-View = networkd.NetworkdView
-Adoption = networkd.NetworkdAdoption
+View = networkd.NetworkdView | ifupdown.IfupdownView | clients.DhclientView
+Adoption = networkd.NetworkdAdoption | ifupdown.IfupdownAdoption | clients.DhclientAdoption
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class HandoverError(Exception):
     """The manager did not take the new state (or the old one back) as it should."""
 
 
+_ERRORS = (networkd.NetworkdError, ifupdown.IfupdownError, clients.DhclientError)
+
+
 def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Reading:
     views: list[View] = []
     unsupported: list[Owner] = []
@@ -49,14 +52,11 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
         match owner.manager:
             case Manager.NETWORKD if not owner.generator:
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
-            case (
-                Manager.NETWORKD
-                | Manager.NETWORKMANAGER
-                | Manager.IFUPDOWN
-                | Manager.DHCLIENT
-                | Manager.DHCPCD
-                | Manager.CLOUD_INIT
-            ):
+            case Manager.IFUPDOWN:
+                views.append(ifupdown.read(nic, bridge))
+            case Manager.DHCLIENT:
+                views.append(clients.dhclient_read(nic, bridge))
+            case Manager.NETWORKD | Manager.NETWORKMANAGER | Manager.DHCPCD | Manager.CLOUD_INIT:
                 unsupported.append(owner)
             case _:
                 assert_never(owner.manager)
@@ -75,6 +75,16 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 view.nic, bridge, bridge_network, view.network_file
             )
             return Handover(Manager.NETWORKD, files, adoption)
+        case ifupdown.IfupdownView():
+            changes = ifupdown.plan(view, state, bridge)
+            if isinstance(changes, str):
+                return changes
+            return Handover(Manager.IFUPDOWN, changes, ifupdown.adoption(view, state, bridge))
+        case clients.DhclientView():
+            moves = clients.dhclient_plan(view, state, bridge)
+            if isinstance(moves, str):
+                return moves
+            return Handover(Manager.DHCLIENT, (), moves)
         case _:
             assert_never(view)
 
@@ -83,6 +93,10 @@ def manager_of(view: View) -> Manager:
     match view:
         case networkd.NetworkdView():
             return Manager.NETWORKD
+        case ifupdown.IfupdownView():
+            return Manager.IFUPDOWN
+        case clients.DhclientView():
+            return Manager.DHCLIENT
         case _:
             assert_never(view)
 
@@ -91,6 +105,10 @@ def manager_of_adoption(a: Adoption) -> Manager:
     match a:
         case networkd.NetworkdAdoption():
             return Manager.NETWORKD
+        case ifupdown.IfupdownAdoption():
+            return Manager.IFUPDOWN
+        case clients.DhclientAdoption():
+            return Manager.DHCLIENT
         case _:
             assert_never(a)
 
@@ -101,9 +119,13 @@ def adopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.adopt(a, until)
+            case ifupdown.IfupdownAdoption():
+                ifupdown.adopt(a, until)
+            case clients.DhclientAdoption():
+                clients.dhclient_adopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
 
 
@@ -112,7 +134,11 @@ def readopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.readopt(a, until)
+            case ifupdown.IfupdownAdoption():
+                ifupdown.readopt(a, until)
+            case clients.DhclientAdoption():
+                clients.dhclient_readopt(a, until)
             case _:
                 assert_never(a)
-    except networkd.NetworkdError as e:
+    except _ERRORS as e:
         raise HandoverError(str(e)) from e
