@@ -222,11 +222,14 @@ def test_refused_under_ifupdown2() -> None:
     assert "ifupdown2" in refused(replace(view(DHCP), ifupdown2=True))
 
 
-def test_the_adoption_keeps_the_nics_addr_gen_mode() -> None:
-    mode = Sysctl(AF_INET6, "eth0", "addr_gen_mode", "0")
-    state = replace(STATE, sysctls=(mode, Sysctl(AF_INET6, "eth0", "accept_ra", "2")))
+def test_the_adoption_keeps_the_nics_settings() -> None:
+    mine = (
+        Sysctl(AF_INET6, "eth0", "addr_gen_mode", "0"),
+        Sysctl(AF_INET6, "eth0", "autoconf", "0"),
+    )
+    state = replace(STATE, sysctls=(*mine, Sysctl(AF_INET6, "default", "autoconf", "1")))
     a = ifupdown.adoption(view(DHCP), state, "br0")
-    assert (a.nic, a.bridge, a.addr_gen_mode) == ("eth0", "br0", mode)
+    assert (a.nic, a.bridge, a.sysctls) == ("eth0", "br0", mine)
 
 
 # -- dhclient ---------------------------------------------------------------------------------
@@ -371,7 +374,10 @@ def test_a_client_moves_with_its_files_named_for_the_bridge() -> None:
         (
             dhclient_view(
                 ["dhclient", "-v", "eth0"],
-                {"/etc/dhcp/dhclient.conf": 'interface "eth0" {\n  send host-name "a";\n}\n'},
+                {
+                    "/etc/dhcp/dhclient.conf": '#interface "eth0" {\n'
+                    'interface "eth0" {\n  send host-name "a";\n}\n'
+                },
             ),
             'has an `interface "eth0"` block',
         ),
@@ -384,6 +390,12 @@ def test_a_client_moves_with_its_files_named_for_the_bridge() -> None:
 def test_a_client_that_cannot_move_is_refused(v: DhclientView, why: str) -> None:
     refusal = dhclient_plan(v, STATE, "br0")
     assert isinstance(refusal, str) and why in refusal, refusal
+
+
+def test_a_commented_interface_block_is_no_block() -> None:
+    conf = {"/etc/dhcp/dhclient.conf": '#interface "eth0" {\n#  send host-name "a";\n#}\n'}
+    a = dhclient_plan(dhclient_view(["dhclient", "-v", "eth0"], conf), STATE, "br0")
+    assert not isinstance(a, str), a
 
 
 def test_a_bare_client_identified_by_its_mac_needs_no_duid() -> None:

@@ -324,7 +324,7 @@ def _dhclient_move(
         return args
     if args.interfaces != (nic,):
         return f"it serves {', '.join(args.interfaces) or 'every interface'}, not {nic} alone"
-    config = files.get(args.config_file, ABSENT).text or ""
+    config = re.sub(r"#.*", "", files.get(args.config_file, ABSENT).text or "")
     if re.search(rf'interface\s+"{re.escape(nic)}"', config):
         return f'{args.config_file} has an `interface "{nic}"` block, not carried'
     renamed = dhclient_renamed(p.argv, nic, bridge)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import sysctl
-from ..model import AF_INET6, HostState, Sysctl
+from ..model import HostState, Sysctl
 from .files import FileChange, FileState, read_state
 
 INTERFACES = "/etc/network/interfaces"
@@ -93,9 +93,11 @@ class IfupdownView:
 class IfupdownAdoption:
     nic: str
     bridge: str
-    # The NIC's addr_gen_mode before: bridge-utils turns it off on a port whenever ifup brings
-    # the bridge up (a restart, a boot), and the way back restores it.
-    addr_gen_mode: Sysctl | None
+    # The NIC's settings before. `ifup` set some on it (an inet6 method's accept_ra, autoconf,
+    # privext, ...); bridge-utils turns addr_gen_mode off on a port whenever ifup brings the
+    # bridge up; a boot makes the NIC anew with the defaults. The way back restores them, as
+    # `ifup NIC` would have set them.
+    sysctls: tuple[Sysctl, ...]
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -390,14 +392,7 @@ def _state_changes(view: IfupdownView, bridge: str) -> tuple[FileChange, ...]:
 
 
 def adoption(view: IfupdownView, state: HostState, bridge: str) -> IfupdownAdoption:
-    mode = next(
-        (s for s in state.sysctls_on(view.nic) if s.family == AF_INET6 and s.key == _GEN_MODE),
-        None,
-    )
-    return IfupdownAdoption(view.nic, bridge, mode)
-
-
-_GEN_MODE = "addr_gen_mode"
+    return IfupdownAdoption(view.nic, bridge, state.sysctls_on(view.nic))
 
 
 # -- the running system ---------------------------------------------------------------------
@@ -409,17 +404,16 @@ def adopt(a: IfupdownAdoption, until: float) -> None:
 
 
 def readopt(a: IfupdownAdoption, until: float) -> None:
-    """The NIC's addr_gen_mode back, if ifup turned it off on the port since (bridge-utils)."""
-    if a.addr_gen_mode is None:
-        return
-    now = sysctl.read((a.nic,))
-    current = next((s for s in now if s.family == AF_INET6 and s.key == _GEN_MODE), None)
-    if current is not None and current.value != a.addr_gen_mode.value:
-        error = sysctl.write(a.addr_gen_mode)
-        if error:
-            raise IfupdownError(
-                f"{a.addr_gen_mode.path} could not be put back: {os.strerror(error)}"
-            )
+    """The NIC's settings as they were, where they differ now."""
+    now = {(s.family, s.key): s.value for s in sysctl.read((a.nic,))}
+    failed = []
+    for s in a.sysctls:
+        if now.get((s.family, s.key), s.value) != s.value:
+            error = sysctl.write(s)
+            if error:
+                failed.append(f"{s.path}: {os.strerror(error)}")
+    if failed:
+        raise IfupdownError(f"{a.nic}'s settings could not be put back: {'; '.join(failed)}")
 
 
 class IfupdownError(Exception):
