@@ -28,6 +28,7 @@ PURE = [
     "tests/test_contract.py",
     "tests/test_output_safety.py",
     "tests/test_record.py",
+    "tests/test_handover_plan.py",
 ]
 LABS = {
     "kernel": [
@@ -51,6 +52,7 @@ LABS = {
         "tests/test_units.py",
         "tests/test_events.py",
         "tests/test_managed.py",
+        "tests/test_handover.py",
     ],
     "remote": ["tests/test_remote.py", "tests/test_ansible.py", "tests/test_contract.py"],
 }

@@ -216,3 +216,25 @@ def test_dead_man_restores_the_manager_when_the_agent_dies_after_the_handover() 
         assert not global_addresses(booted, "br0")
         assert _networkd_states(booted)["eth0"] == "configured"
         _reachable(booted)
+
+
+def test_a_restart_mid_transaction_boots_on_the_nic_with_the_files_back() -> None:
+    # The unit's drop-in calls `bridge-migrate` by name, as installed in /usr/local/bin.
+    wrapper = {"/usr/local/bin/bridge-migrate": (f'#!/bin/sh\nexec {AGENT} "$@"\n', 0o755)}
+    recover = "/etc/systemd/system/systemd-networkd.service.d/bridge-migrate-recover.conf"
+    with booted_lab(NETWORKD, files=wrapper) as booted:
+        configured(booted, NETWORKD)
+        before_files = _files(booted, NETWORKD)
+        owned = global_addresses(booted, "eth0")
+        pending = _agent(booted, "apply", "--timeout", "20", "--confirm-within", "300")
+        assert pending.returncode == ExitCode.OK, pending.stdout + pending.stderr
+        assert booted.host.path(recover).exists()
+        booted.crash()  # a power cut inside the confirmation window
+        booted.boot(plug_first=True)
+        assert _until_addresses(booted, "eth0", owned, _SETTLE) >= owned, "booted on the NIC"
+        _reachable(booted)
+        assert not global_addresses(booted, "br0")
+        assert _files(booted, NETWORKD) == before_files
+        assert not booted.host.path(recover).exists()
+        tx = Store(booted.outside(STATE)).load()
+        assert tx is not None and tx.phase == Phase.INTERRUPTED, tx

@@ -27,6 +27,7 @@ from .contract import ExitCode, Phase
 from .encode import Resolve
 from .errors import Refused
 from .failpoints import boundary
+from .handover.files import FileError, write_states
 from .model import AF_INET6, HostState
 from .plan import AddAddress, Plan, Step
 from .ready import wait_until_ready
@@ -112,6 +113,7 @@ class Checkpoint:
         self._guard.armed = False
         boundary("committed")
         self.disarm()
+        settle(self.tx.plan, self.report)
         result = "migrated" if self.tx.plan.direction == "takeover" else "migrated back"
         self.report.finish(ExitCode.OK, result, what)
         self.outcome = ExitCode.OK
@@ -279,6 +281,15 @@ class Checkpoint:
     def age(self) -> float:
         """Seconds since the snapshot: finite lifetimes have run down by this much."""
         return time.time() - self.tx.started
+
+
+def settle(plan: Plan, report: Report) -> None:
+    """Committed: the drop-ins that would restore the managers' files after a restart go. One
+    left behind does no harm (it finds the transaction committed and does nothing)."""
+    try:
+        write_states(plan.settle)
+    except (OSError, FileError) as e:
+        report.note(f"left in place (harmless once committed): {e}")
 
 
 def resume(ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> Checkpoint:

@@ -34,7 +34,16 @@ from .plan import RewriteFirewall, WriteConfig
 from .preflight import check_name, check_timeout
 from .record import Store, Transaction, check_id, current_boot_id
 from .report import Output, Report
-from .transaction import ApplyRequest, apply, confirm, expire, read_plan, rollback, undo
+from .transaction import (
+    ApplyRequest,
+    apply,
+    confirm,
+    expire,
+    read_plan,
+    recover,
+    rollback,
+    undo,
+)
 from .verify import Probe, ProbeSyntaxError, parse_probe
 
 
@@ -125,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("rollback", "restore the snapshot of the recorded transaction"),
         ("status", "show the recorded transaction"),
         ("expire", "what the dead man runs: roll transaction ID back if it is still pending"),
+        (
+            "recover",
+            "what a network manager's unit runs first while a transaction is pending: after a "
+            "restart, put the manager's files back",
+        ),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         if name == "expire":
@@ -202,6 +216,8 @@ def _dispatch(args: argparse.Namespace, store: Store, report: Report) -> ExitCod
         case "expire":
             check_id(args.transaction)
             return expire(store, report, args.transaction)
+        case "recover":
+            return recover(store, report)
         case "attach":
             check_timeout("--timeout", args.timeout)
             spec = parse_spec(args.bridge, args.ifname, args.addresses, args.mtu, args.mac)

@@ -288,6 +288,8 @@ class Plan:
     # files rewritten, then the managers adopting the bridge.
     views: tuple[handover.View, ...] = ()
     handover: tuple[Step, ...] = ()
+    # Once committed: the drop-ins that restore the managers' files after a restart, removed.
+    settle: tuple[FileChange, ...] = ()
 
     @property
     def source(self) -> str:
@@ -336,7 +338,12 @@ def plan_takeover(state: HostState, bridge: str, views: tuple[handover.View, ...
         batch=batch,
         views=views,
         handover=_hand_over(state, bridge, views),
+        settle=tuple(f.inverse() for f in _recover_drop_ins(views)),
     )
+
+
+def _recover_drop_ins(views: tuple[handover.View, ...]) -> tuple[FileChange, ...]:
+    return handover.recover_drop_ins({handover.manager_of(v) for v in views})
 
 
 def _hand_over(state: HostState, bridge: str, views: tuple[handover.View, ...]) -> tuple[Step, ...]:
@@ -347,7 +354,7 @@ def _hand_over(state: HostState, bridge: str, views: tuple[handover.View, ...]) 
     if refused:
         raise ValueError("; ".join(refused))  # transaction.read_plan refuses these before
     made = [p for p in planned if not isinstance(p, str)]
-    files = tuple(f for h in made for f in h.files)
+    files = (*_recover_drop_ins(views), *(f for h in made for f in h.files))
     writes = [Step(WriteConfig(files), RestoreConfig(files))] if files else []
     adopts = [Step(Adopt(h.adoption), Readopt(h.adoption)) for h in made]
     return (*writes, *adopts)

@@ -9,6 +9,7 @@ from the record after the agent died at an unknown point.
 from __future__ import annotations
 
 import errno
+import time
 from dataclasses import dataclass, replace
 from typing import assert_never
 
@@ -73,9 +74,25 @@ def restore(
         seconds += sent.seconds
     result = BatchResult(tuple(outcomes), seconds)
     failures = tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
-    actual = read_host(ipr, plan.nic, plan.bridge)
     told = any(isinstance(op, Readopt) for op in undo)
-    return RestoreResult(result, failures, differences(snapshot, actual, age, managed=told))
+    return RestoreResult(result, failures, _settled(ipr, plan, snapshot, age, told))
+
+
+def _settled(
+    ipr: IPRoute, plan: Plan, snapshot: HostState, age: float, told: bool
+) -> tuple[str, ...]:
+    """The differences left. A manager told to configure the NIC again may drop what it finds
+    and acquire it anew (SLAAC and DHCPv6 take a second or two): it is given a while."""
+    deadline = time.monotonic() + (_SETTLE if told else 0.0)
+    while True:
+        actual = read_host(ipr, plan.nic, plan.bridge)
+        found = differences(snapshot, actual, age, managed=told)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.1)
+
+
+_SETTLE = 10.0  # seconds
 
 
 def _as_renewed(ops: list[Op], now: HostState, age: float) -> list[Op]:

@@ -30,6 +30,8 @@ MANAGED_PATHS = (
     "/var/lib/dhcpcd",
     "/run/dhcpcd",
     "/etc/cloud/cloud.cfg.d",
+    # the drop-in that has a manager's unit restore its files after a restart mid-transaction
+    "/etc/systemd/system",
 )
 
 HARDENING: tuple[str, ...] = (

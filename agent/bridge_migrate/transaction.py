@@ -17,16 +17,16 @@ from pyroute2 import IPRoute
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from . import deadman, guestbook, handover
-from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, signal_guard
+from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, settle, signal_guard
 from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .errors import Refused
 from .giveback import giveback_notes, giveback_refusals, plan_giveback, port_refusals
-from .handover.files import FileError
+from .handover.files import FileError, write_states
 from .model import HostState
 from .owner import Owner, ask_owners, handover_refused, ownership
 from .owner import describe as describe_ownership
 from .owner import refusals as unmanageable
-from .plan import carried_counts, is_migrated, plan_takeover
+from .plan import RestoreConfig, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .record import Locked, RecordError, Store, Transaction
 from .report import Report
@@ -241,6 +241,7 @@ def confirm(store: Store, report: Report) -> ExitCode:
             ) from None
         if tx.dead_man:
             deadman.disarm(tx.dead_man)
+        settle(tx.plan, report)
     report.finish(ExitCode.OK, "committed", f"transaction {tx.id} confirmed")
     return ExitCode.OK
 
@@ -321,14 +322,44 @@ def _ended(store: Store, tx: Transaction) -> bool:
     return current is not None and (current.id != tx.id or current.phase is not Phase.CONFIRMING)
 
 
+def recover(store: Store, report: Report) -> ExitCode:
+    """What a network manager's unit runs first while a transaction is pending (a drop-in the
+    hand-over wrote): after a restart in the middle of it, the manager's files go back before
+    the manager reads them, and the transaction is recorded as interrupted."""
+    check_root()
+    with store.lock():
+        tx = store.load()
+        if tx is None or not (tx.phase.pending and tx.from_another_boot):
+            report.finish(ExitCode.OK, "nothing to do", "no transaction cut short by a restart")
+            return ExitCode.OK
+        report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
+        _interrupted(store, tx)
+    report.finish(
+        ExitCode.OK,
+        "recovered",
+        f"transaction {tx.id} was cut short by a restart; the managers' files are as before it",
+    )
+    return ExitCode.OK
+
+
+def _interrupted(store: Store, tx: Transaction) -> Transaction:
+    """A transaction cut short by a restart: the kernel's state went with it; the managers'
+    files (which outlive it) go back, and so do the drop-ins that would have done it."""
+    for step in tx.plan.handover:
+        if isinstance(step.undo, RestoreConfig):
+            write_states(f.inverse() for f in step.undo.files)
+    tx = tx.at(Phase.INTERRUPTED, time.time(), f"the machine restarted while {tx.phase}")
+    store.save(tx)
+    return tx
+
+
 def _check_previous(store: Store, report: Report, at_boot: bool) -> None:
     """Refuse while a transaction is pending; after a restart in the middle of one, say so."""
     tx = store.load()
     if tx is None:
         return
     if tx.phase.pending and tx.from_another_boot:
-        tx = tx.at(Phase.INTERRUPTED, time.time(), f"the machine restarted while {tx.phase}")
-        store.save(tx)
+        tx = _interrupted(store, tx)
         report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
         raise Refused(
             f"the machine restarted during transaction {tx.id} ({tx.detail}); "

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge_migrate.owner import Addressing  # what the agent reports, one vocabulary
+from bridge_migrate.handover import BOOT_UNITS
+from bridge_migrate.owner import Addressing, Manager  # what the agent reports, one vocabulary
 from bridge_migrate_testlab.lab import LabAddresses
 from bridge_migrate_testlab.systemd import Bind, BootedLab, BootSpec
 
@@ -266,6 +267,12 @@ class ManagedLab(BootedLab):
             shutil.rmtree(self.kept, ignore_errors=True)
 
 
+def _recover_drop_in_dir(r: ManagedRow) -> tuple[str, ...]:
+    """Where the hand-over puts the drop-in of the manager's unit (it must outlive a crash)."""
+    unit = BOOT_UNITS.get(Manager(r.manager))
+    return (f"/etc/systemd/system/{unit}.d",) if unit else ()
+
+
 def booted_lab(r: ManagedRow, **spec: Any) -> ManagedLab:
     """The row's lab, not yet entered; `spec` adds BootSpec fields (units, binds, ...). The
     row's persisted directories start as the machine's, with the row's files written in."""
@@ -273,7 +280,7 @@ def booted_lab(r: ManagedRow, **spec: Any) -> ManagedLab:
     requires = (*r.requires, *spec.pop("requires", ()))
     kept = Path(tempfile.mkdtemp(prefix=f"bm-{r.name}-"))
     binds = []
-    for n, inside in enumerate((*r.persist, *PERSISTED)):
+    for n, inside in enumerate((*r.persist, *_recover_drop_in_dir(r), *PERSISTED)):
         source = kept / str(n)
         if os.path.isdir(inside):
             shutil.copytree(inside, source, symlinks=True)

@@ -17,7 +17,7 @@ from typing import assert_never
 from ..model import HostState
 from ..owner import Manager, Owner
 from . import clients, ifupdown, networkd
-from .files import FileChange
+from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
@@ -36,6 +36,31 @@ class Handover:
 class Reading:
     views: tuple[View, ...]
     unsupported: tuple[Owner, ...]  # owners no hand-over is known for: refused by owner.py
+
+
+# The unit that configures the NIC from the manager's files at boot. While a transaction is
+# pending, a drop-in has it run `bridge-migrate recover` first: after a restart in the middle of
+# one, the manager's files are put back before the manager reads them.
+BOOT_UNITS = {
+    Manager.NETWORKD: "systemd-networkd.service",
+    Manager.NETWORKMANAGER: "NetworkManager.service",
+    Manager.IFUPDOWN: "networking.service",
+}
+RECOVER = (
+    "# Written by bridge-migrate while a transaction is pending, removed when it ends: after a\n"
+    "# restart in the middle of one, the network manager's files go back before it starts.\n"
+    "[Service]\nExecStartPre=+-bridge-migrate recover\n"
+)
+
+
+def recover_drop_ins(managers: set[Manager]) -> tuple[FileChange, ...]:
+    units = sorted({BOOT_UNITS[m] for m in managers if m in BOOT_UNITS})
+    return tuple(
+        FileChange(
+            f"/etc/systemd/system/{unit}.d/bridge-migrate-recover.conf", ABSENT, FileState(RECOVER)
+        )
+        for unit in units
+    )
 
 
 class HandoverError(Exception):

@@ -27,6 +27,14 @@ from .files import ABSENT, FileChange, FileState, read_state
 from .unitfile import Section
 
 DIRECTORY = "/etc/systemd/network"
+RUNTIME = "/run/systemd/network"  # gone at the next boot
+# networkd drops "foreign" addresses and routes when it configures a link, the takeover's among
+# them, and acquires them again (seconds without IPv6 while SLAAC and DHCPv6 redo their work;
+# v252 also drops an IPv4 address that has a broadcast). KeepConfiguration=yes has it adopt them
+# instead. In /run, it lasts until the next boot, which configures the bridge from scratch:
+# until then, networkd also keeps the bridge's addresses should their lease run out.
+ADOPT_DROP_IN = "bridge-migrate-adopt.conf"
+_ADOPT = "# Written by bridge-migrate: adopt the takeover's addresses (until the next boot).\n"
 # Where networkd looks for drop-ins of a .network file, in its order.
 _DIRECTORIES = (
     DIRECTORY,
@@ -59,13 +67,19 @@ class NetworkdAdoption:
     nic_file: str  # ... and the NIC with (readopt)
 
 
-def bridge_files(network_file: str, bridge: str) -> tuple[str, str]:
+def bridge_files(network_file: str, bridge: str) -> tuple[str, str, str]:
     """The bridge's .netdev and .network, beside the NIC's file and with its number, so they
-    sort where the NIC's did among files that could also match the bridge."""
+    sort where the NIC's did among files that could also match the bridge; and the runtime
+    drop-in under which networkd adopts what the takeover put on the bridge."""
     path = PurePosixPath(network_file)
     number = re.match(r"\d+-", path.name)
     prefix = number.group(0) if number else ""
-    return (f"{DIRECTORY}/{prefix}{bridge}.netdev", f"{DIRECTORY}/{prefix}{bridge}.network")
+    network = f"{prefix}{bridge}.network"
+    return (
+        f"{DIRECTORY}/{prefix}{bridge}.netdev",
+        f"{DIRECTORY}/{network}",
+        f"{RUNTIME}/{network}.d/{ADOPT_DROP_IN}",
+    )
 
 
 def read(network_file: str, nic: str, bridge: str, ifindex: int) -> NetworkdView:
@@ -119,7 +133,7 @@ def plan(view: NetworkdView, state: HostState, bridge: str) -> tuple[FileChange,
     stacked = [k for s in unitfile.named(sections, "Network") for k, _ in s.lines if k in _STACKING]
     if stacked:
         return f"{view.network_file} already stacks {nic} ({', '.join(stacked)})"
-    netdev_path, network_path = (p for p, _ in view.targets)
+    netdev_path, network_path, adopt_path = (p for p, _ in view.targets)
     mode = view.network.mode
     return (
         FileChange(netdev_path, ABSENT, FileState(_netdev(state, bridge), mode)),
@@ -127,6 +141,7 @@ def plan(view: NetworkdView, state: HostState, bridge: str) -> tuple[FileChange,
         FileChange(
             view.network_file, view.network, FileState(_port_network(sections, view, bridge), mode)
         ),
+        FileChange(adopt_path, ABSENT, FileState(_ADOPT + "[Network]\nKeepConfiguration=yes\n")),
     )
 
 
