@@ -129,12 +129,14 @@ def _address_field_differences(want: Address, have: Address, age: float | None) 
 
 
 def _lifetime_matches(want: int, have: int, age: float | None) -> bool:
-    """`age` None: renewed by a manager since, so any finite lifetime will do."""
+    """`age` None: renewed by a manager since, so any finite lifetime will do. Else it may
+    have run down by `age`, or grown: renewed in the meantime by what renews it (a router
+    advertisement answering the bridge's first solicitation, at once; a DHCP client)."""
     if FOREVER in (want, have):
         return want == have
     if age is None:
         return True
-    return want - age - LIFETIME_SLACK <= have <= want + LIFETIME_SLACK
+    return want - age - LIFETIME_SLACK <= have
 
 
 def compared_routes(state: HostState) -> dict[Route, int | None]:

@@ -2,7 +2,8 @@
 `bridge_ports NIC`, `bridge_hw MAC`, STP off and no forward delay; the NIC is left `inet manual`
 and taken out of its `auto`/`allow-hotplug` lines (brought up on its own at boot, it would take
 addresses from router advertisements before the bridge takes it in: the bridge's hook brings it
-up as its port); ifupdown's state (/run/network/ifstate) says the bridge is up, as a boot would.
+up as its port). ifupdown's state (/run/network/ifstate) is made to say what a boot with the new
+files would: the bridge up, the NIC not by itself.
 
 ifupdown is no daemon: what it knows is its files. A DHCP client that ifup started is moved by
 its own hand-over (clients.py); ifup would start the same client at boot.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .. import sysctl
 from ..model import HostState, Sysctl
-from .files import FileChange, FileState, read_state
+from .files import FileChange, FileState, read_state, write_states
 
 INTERFACES = "/etc/network/interfaces"
 STATE_DIR = "/run/network"
@@ -93,6 +94,10 @@ class IfupdownView:
 class IfupdownAdoption:
     nic: str
     bridge: str
+    # ifupdown's state (/run/network): the bridge up, the NIC not by itself. Not among the
+    # configuration files: after a restart /run starts empty, and the state of before written
+    # there (as a restart mid-transaction puts the files back) would have ifup skip the NIC.
+    state: tuple[FileChange, ...]
     # The NIC's settings before. `ifup` set some on it (an inet6 method's accept_ra, autoconf,
     # privext, ...); bridge-utils turns addr_gen_mode off on a port whenever ifup brings the
     # bridge up; a boot makes the NIC anew with the defaults. The way back restores them, as
@@ -259,7 +264,7 @@ def plan(view: IfupdownView, state: HostState, bridge: str) -> tuple[FileChange,
         text = _rewritten(before.text, found, nic, bridge, state.nic.mac, path == holding[0])
         if text != before.text:
             changes.append(FileChange(path, before, FileState(text, before.mode)))
-    return (*changes, *_state_changes(view, bridge))
+    return tuple(changes)
 
 
 def _is_iface(s: Stanza, name: str) -> bool:
@@ -392,19 +397,24 @@ def _state_changes(view: IfupdownView, bridge: str) -> tuple[FileChange, ...]:
 
 
 def adoption(view: IfupdownView, state: HostState, bridge: str) -> IfupdownAdoption:
-    return IfupdownAdoption(view.nic, bridge, state.sysctls_on(view.nic))
+    return IfupdownAdoption(
+        view.nic, bridge, _state_changes(view, bridge), state.sysctls_on(view.nic)
+    )
 
 
 # -- the running system ---------------------------------------------------------------------
 
 
 def adopt(a: IfupdownAdoption, until: float) -> None:
-    """Nothing runs to be told: ifupdown reads its files and state at the next ifup or ifdown,
-    and a DHCP client it started is moved by its own hand-over."""
+    """Nothing runs to be told: ifupdown reads its files and its state at the next ifup or
+    ifdown (a DHCP client it started is moved by its own hand-over). Its state says br0 is up."""
+    write_states(a.state)
 
 
 def readopt(a: IfupdownAdoption, until: float) -> None:
-    """The NIC's settings as they were, where they differ now."""
+    """ifupdown's state as it was (the NIC up, not the bridge), and the NIC's settings as they
+    were, where they differ now."""
+    write_states(c.inverse() for c in a.state)
     now = {(s.family, s.key): s.value for s in sysctl.read((a.nic,))}
     failed = []
     for s in a.sysctls:
