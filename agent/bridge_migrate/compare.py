@@ -17,6 +17,7 @@ from dataclasses import replace
 from .model import (
     AF_INET6,
     FOREVER,
+    IFA_F_NODAD,
     IFA_F_TRANSIENT,
     IFF_UP,
     RT_TABLE_LOCAL,
@@ -109,11 +110,17 @@ def _address_list_differences(
         yield f"{dev}: {family} order is {' '.join(common_have)}, expected {' '.join(common_want)}"
 
 
+# Tentative and optimistic pass with DAD; NODAD says only how the address was added, and the
+# kernel drops it when a router advertisement renews an autoconfigured address (seen at the
+# check: the bridge's first solicitation is answered at once).
+_UNCOMPARED_FLAGS = IFA_F_TRANSIENT | IFA_F_NODAD
+
+
 def _address_field_differences(want: Address, have: Address, age: float | None) -> Iterable[str]:
     for what, w, h in (
         ("prefix length", want.prefixlen, have.prefixlen),
         ("scope", want.scope, have.scope),
-        ("flags", want.flags & ~IFA_F_TRANSIENT, have.flags & ~IFA_F_TRANSIENT),
+        ("flags", want.flags & ~_UNCOMPARED_FLAGS, have.flags & ~_UNCOMPARED_FLAGS),
         ("label", want.label, have.label),
         ("broadcast", want.broadcast, have.broadcast),
         ("peer", want.peer, have.peer),
