@@ -263,3 +263,63 @@ def test_the_handover_disrupts_no_more_than_a_plain_takeover(r: ManagedRow) -> N
         figures[way] = gap
         print(f"{r.name} {way}: median longest gap {gap:.1f} ms, median lost {lost} ({mine})")
     assert figures["hand-over"] <= figures["plain"] + 20.0, figures
+
+
+def test_a_restart_mid_transaction_boots_on_eth0_by_ifupdown() -> None:
+    r = row("ifupdown-dhcp")
+    # The unit's drop-in calls `bridge-migrate` by name, as installed in /usr/local/bin.
+    wrapper = {"/usr/local/bin/bridge-migrate": (f'#!/bin/sh\nexec {AGENT} "$@"\n', 0o755)}
+    recover = "/etc/systemd/system/networking.service.d/bridge-migrate-recover.conf"
+    with booted_lab(r, files=wrapper) as booted:
+        configured(booted, r)
+        before_files = _network_files(booted)
+        owned = global_addresses(booted, "eth0")
+        pending = _agent(booted, "apply", "--timeout", "20", "--confirm-within", "300")
+        assert pending.returncode == ExitCode.OK, pending.stdout + pending.stderr
+        assert booted.host.path(recover).exists()
+        booted.crash()  # a power cut inside the confirmation window
+        booted.boot(plug_first=True)
+        configured(booted, r)  # ifup configured eth0 from the files put back
+        assert global_addresses(booted, "eth0") >= owned
+        assert not global_addresses(booted, "br0")
+        assert _network_files(booted) == before_files
+        assert not booted.host.path(recover).exists()
+        assert _sh(booted, "ifquery --state") == "eth0=eth0\nlo=lo\n"
+        assert _clients(booted) == [_ifup_argv("eth0")]
+
+
+def test_clients_run_by_hand_move_to_br0_and_back_with_their_leases() -> None:
+    r = row("dhclient")
+    with booted_lab(r) as booted:
+        configured(booted, r)
+        mac = str(_link(booted, "eth0")["address"])
+        clients = _clients(booted)
+        assert sorted(clients) == [
+            ("/usr/sbin/dhclient", "-6", "-v", "eth0"),
+            ("/usr/sbin/dhclient", "-v", "eth0"),
+        ]
+        owned = global_addresses(booted, "eth0")
+        v6 = [a for a in owned if ":" in a]
+        assert v6 and v6[0].endswith("/128"), owned  # a DHCPv6 lease
+        leased = _lease_of(booted, mac)
+
+        apply = _agent(booted, "apply", "--timeout", "20")
+        assert apply.returncode == ExitCode.OK, apply.stdout + apply.stderr
+        assert sorted(_clients(booted)) == [(*c[:-1], "br0") for c in sorted(clients)]
+        assert global_addresses(booted, "br0") >= owned
+        shared = _text(booted, "/var/lib/dhcp/dhclient6.leases") or ""
+        bound6 = dhclient_latest(shared, "br0", 6)
+        assert bound6 is not None and bound6.expiry is not None
+        assert bound6.expiry > time.time() + 60, "br0's client was answered, a fresh lease"
+        assert _lease_of(booted, mac)[:2] == leased[:2]
+
+        back = _agent(booted, "rollback")
+        assert back.returncode == ExitCode.OK, back.stdout + back.stderr
+        assert sorted(_clients(booted)) == sorted(clients)
+        deadline = time.monotonic() + _SETTLE
+        while global_addresses(booted, "eth0") < owned and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert global_addresses(booted, "eth0") >= owned
+        assert not global_addresses(booted, "br0")
+        lab = booted.lab
+        lab.wait_reachable(lab.host_ns, [lab.addrs.gw_v4, lab.addrs.gw_v6], timeout=_SETTLE)

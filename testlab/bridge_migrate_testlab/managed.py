@@ -139,6 +139,12 @@ _IFUPDOWN_RELOAD = (
     *("--property=RemainAfterExit=yes", "--", "sh", "-ec", "ifdown br0; ifup br0"),
 )
 _IFUPDOWN_PERSIST = ("/etc/network", "/var/lib/dhcp")
+# Units of the host, so the clients stay in it; each forks once it holds a lease.
+_DHCLIENT_BY_HAND = (
+    "sysctl -qw net.ipv6.conf.eth0.autoconf=0\n"
+    "systemd-run --quiet --unit=lab-dhclient --property=Type=forking dhclient -v eth0\n"
+    "systemd-run --quiet --unit=lab-dhclient6 --property=Type=forking dhclient -6 -v eth0\n"
+)
 # What cloud-init leaves behind on an image whose datasource gave it the network (its netplan
 # file, its configuration and its run directory); cloud-init itself runs only at first boot.
 _CLOUD_CFG = "datasource_list: [NoCloud]\n"
@@ -229,6 +235,16 @@ ROWS: tuple[ManagedRow, ...] = (
         restart=_IFUPDOWN_RESTART,
         reload=_IFUPDOWN_RELOAD,
         persist=_IFUPDOWN_PERSIST,
+    ),
+    # dhclient started by hand for each family, with no manager: DHCPv4, and DHCPv6 beside the
+    # RAs' routes (no SLAAC address, which no client here would own).
+    ManagedRow(
+        "dhclient",
+        "dhclient",
+        frozenset({Addressing.DHCPV4, Addressing.DHCPV6}),
+        after_boot=("sh", "-ec", _DHCLIENT_BY_HAND),
+        source="dhclient -v eth0",
+        handed_over=True,
     ),
     ManagedRow(
         "dhcpcd",

@@ -475,7 +475,8 @@ def _dhclient_start(argv: tuple[str, ...], interface: str, until: float) -> None
     assert not isinstance(args, str)
     try:
         transient.start_service(
-            f"dhclient-{interface}.service",
+            # one per family, named as ifup names their pid files
+            f"dhclient{'6' if args.family == 6 else ''}-{interface}.service",
             argv,
             f"dhclient on {interface} (started by bridge-migrate)",
             until,
