@@ -106,7 +106,8 @@ def test_handed_over_host_survives_leases_restarts_and_reboots(r: ManagedRow) ->
         figures.append(f"apply {time.monotonic() - started:.1f} s")
         assert global_addresses(booted, "br0") >= owned, "br0 holds eth0's addresses"
         assert not global_addresses(booted, "eth0")
-        assert _files(booted, r) != before_files, "the manager's files name br0"
+        if r.files:  # (a client run by hand has none)
+            assert _files(booted, r) != before_files, "the manager's files name br0"
 
         if r.dhcp:
             watched = soak(booted, 2 * LEASE + 15, mac, dhcp=True)

@@ -260,7 +260,8 @@ def plan(view: IfupdownView, state: HostState, bridge: str) -> tuple[FileChange,
         return problem
     changes = []
     for path, before, found in parsed:
-        assert before.text is not None
+        if before.text is None:
+            continue  # gone since it was listed: nothing of the NIC's in it
         text = _rewritten(before.text, found, nic, bridge, state.nic.mac, path == holding[0])
         if text != before.text:
             changes.append(FileChange(path, before, FileState(text, before.mode)))
