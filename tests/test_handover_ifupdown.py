@@ -323,3 +323,25 @@ def test_clients_run_by_hand_move_to_br0_and_back_with_their_leases() -> None:
         assert not global_addresses(booted, "br0")
         lab = booted.lab
         lab.wait_reachable(lab.host_ns, [lab.addrs.gw_v4, lab.addrs.gw_v6], timeout=_SETTLE)
+
+
+def test_a_stanza_that_runs_commands_is_refused_with_nothing_changed() -> None:
+    r = row("ifupdown-static")
+    text, mode = r.files["/etc/network/interfaces"]
+    route = "    post-up ip route add 198.19.7.0/24 via 198.18.0.2\n"
+    files = {
+        "/etc/network/interfaces": (
+            text.replace("gateway 198.18.0.1\n", f"gateway 198.18.0.1\n{route}"),
+            mode,
+        )
+    }
+    with booted_lab(r, files=files) as booted:
+        configured(booted, r)
+        before_files = _network_files(booted)
+        before = read_view(booted.lab.host_ns)
+        apply = _agent(booted, "apply", "--timeout", "5")
+        assert apply.returncode == ExitCode.REFUSED, apply.stdout + apply.stderr
+        assert "runs commands (post-up) that may name the NIC" in apply.stderr, apply.stderr
+        assert "bridge_ports eth0" in apply.stderr and "Nothing was changed" in apply.stderr
+        assert _network_files(booted) == before_files
+        assert read_view(booted.lab.host_ns).links == before.links
