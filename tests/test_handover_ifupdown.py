@@ -288,19 +288,23 @@ def test_a_restart_mid_transaction_boots_on_eth0_by_ifupdown() -> None:
         assert _clients(booted) == [_ifup_argv("eth0")]
 
 
-def test_a_client_run_by_hand_moves_to_br0_and_back_with_its_lease() -> None:
+def test_clients_run_by_hand_move_to_br0_and_back_with_their_leases() -> None:
     r = row("dhclient")
     with booted_lab(r) as booted:
         configured(booted, r)
         mac = str(_link(booted, "eth0")["address"])
-        clients = _clients(booted)
-        assert clients == [("/usr/sbin/dhclient", "-v", "eth0")]
+        clients = sorted(_clients(booted))
+        assert clients == [
+            ("/usr/sbin/dhclient", "-6", "-v", "eth0"),
+            ("/usr/sbin/dhclient", "-v", "eth0"),
+        ]
         owned = global_addresses(booted, "eth0")
+        assert any(a.endswith("/128") for a in owned), owned  # a DHCPv6 lease
         leased = _lease_of(booted, mac)
 
         apply = _agent(booted, "apply", "--timeout", "20")
         assert apply.returncode == ExitCode.OK, apply.stdout + apply.stderr
-        assert _clients(booted) == [("/usr/sbin/dhclient", "-v", "br0")]
+        assert sorted(_clients(booted)) == [(*c[:-1], "br0") for c in clients]
         assert global_addresses(booted, "br0") >= owned
         shared = _text(booted, "/var/lib/dhcp/dhclient.leases") or ""  # both clients' file
         bound = dhclient_latest(shared, "br0", 4)
@@ -308,10 +312,15 @@ def test_a_client_run_by_hand_moves_to_br0_and_back_with_its_lease() -> None:
         address, client_id, expiry = _lease_of(booted, mac)
         assert (address, client_id) == leased[:2] and expiry > leased[2]
         assert abs(_v4_lifetime(booted, "br0") - (expiry - time.time())) <= 3
+        six = dhclient_latest(_text(booted, "/var/lib/dhcp/dhclient6.leases") or "", "br0", 6)
+        assert six is not None, "br0's DHCPv6 lease, carried"
+        routes = booted.lab.run(booted.lab.host_ns, ["ip", "-6", "route"]).stdout
+        (lease128,) = [a.split("/")[0] for a in owned if a.endswith("/128")]
+        assert len([x for x in routes.splitlines() if x.startswith(f"{lease128} ")]) == 1, routes
 
         back = _agent(booted, "rollback")
         assert back.returncode == ExitCode.OK, back.stdout + back.stderr
-        assert _clients(booted) == clients
+        assert sorted(_clients(booted)) == clients
         deadline = time.monotonic() + _SETTLE
         while global_addresses(booted, "eth0") < owned and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -320,6 +329,8 @@ def test_a_client_run_by_hand_moves_to_br0_and_back_with_its_lease() -> None:
         assert _lease_of(booted, mac)[:2] == leased[:2]
         lab = booted.lab
         lab.wait_reachable(lab.host_ns, [lab.addrs.gw_v4, lab.addrs.gw_v6], timeout=_SETTLE)
+        again = _agent(booted, "apply", "--timeout", "20")  # nothing left behind in the way
+        assert again.returncode == ExitCode.OK, again.stdout + again.stderr
 
 
 def test_a_stanza_that_runs_commands_is_refused_with_nothing_changed() -> None:

@@ -409,3 +409,11 @@ def test_a_bare_client_identified_by_its_mac_needs_no_duid() -> None:
     a = dhclient_plan(dhclient_view(["dhclient", "-v", "eth0"], files={}), STATE, "br0")
     assert not isinstance(a, str)
     assert a.moves[0].bridge_lease_file == a.moves[0].lease_file == clients._DHCLIENT_LEASES[4]
+
+
+def test_a_dhcpv6_lease_makes_its_own_prefix_route_and_an_ipv4_host_address_none() -> None:
+    # dhclient -6 holds a /128 with a finite lifetime: the kernel gives it a /128 route, which
+    # the takeover must not copy (the kernel would keep a twin of it beside its own)
+    assert addr("2001:db8:0:1::1f18/128", lft=120).makes_prefix_route
+    assert not addr("198.18.0.10/32").makes_prefix_route
+    assert addr("198.18.0.10/24").makes_prefix_route

@@ -143,6 +143,7 @@ _IFUPDOWN_PERSIST = ("/etc/network", "/var/lib/dhcp")
 _DHCLIENT_BY_HAND = (
     "sysctl -qw net.ipv6.conf.eth0.autoconf=0\n"
     "systemd-run --quiet --unit=lab-dhclient --property=Type=forking dhclient -v eth0\n"
+    "systemd-run --quiet --unit=lab-dhclient6 --property=Type=forking dhclient -6 -v eth0\n"
 )
 # What cloud-init leaves behind on an image whose datasource gave it the network (its netplan
 # file, its configuration and its run directory); cloud-init itself runs only at first boot.
@@ -235,13 +236,12 @@ ROWS: tuple[ManagedRow, ...] = (
         reload=_IFUPDOWN_RELOAD,
         persist=_IFUPDOWN_PERSIST,
     ),
-    # dhclient started by hand, with no manager: DHCPv4; IPv6 by the RAs' routes alone (no SLAAC
-    # address, which no client here would own). Not `dhclient -6` beside it: the kernel keeps a
-    # second prefix route for its /128 after a move (see the hand-over's notes), so it is left out.
+    # dhclient started by hand for each family, with no manager: DHCPv4, and DHCPv6 beside the
+    # RAs' routes (no SLAAC address, which no client here would own).
     ManagedRow(
         "dhclient",
         "dhclient",
-        frozenset({Addressing.DHCPV4}),
+        frozenset({Addressing.DHCPV4, Addressing.DHCPV6}),
         after_boot=("sh", "-ec", _DHCLIENT_BY_HAND),
         source="dhclient -v eth0",
         handed_over=True,

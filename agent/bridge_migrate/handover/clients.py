@@ -359,8 +359,7 @@ def dhclient_adopt(a: DhclientAdoption, until: float) -> None:
         written = _dhclient_carry(m.lease_file, m.bridge_lease_file, a.nic, a.bridge, m, fresh=True)
         _dhclient_stop(a.nic, m.family, until)
         _dhclient_start(m.bridge_argv, a.bridge, until)
-        bound = _dhclient_bound(m.bridge_lease_file, a.bridge, m.family, written, until)
-        _dhclient_refresh(a.bridge, bound)
+        _dhclient_refreshed(m, m.bridge_lease_file, a.bridge, written, until)
 
 
 def dhclient_readopt(a: DhclientAdoption, until: float) -> None:
@@ -376,8 +375,7 @@ def dhclient_readopt(a: DhclientAdoption, until: float) -> None:
         if _dhclient_serving(a.nic, m.family):
             continue
         _dhclient_start(m.argv, a.nic, until)
-        bound = _dhclient_bound(m.lease_file, a.nic, m.family, written, until)
-        _dhclient_refresh(a.nic, bound)
+        _dhclient_refreshed(m, m.lease_file, a.nic, written, until)
 
 
 @dataclass(frozen=True)
@@ -416,6 +414,17 @@ def _dhclient_text(path: str) -> str:
         return Path(path).read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _dhclient_refreshed(
+    m: DhclientMove, path: str, interface: str, written: _Written, until: float
+) -> None:
+    """DHCPv4: once bound, the address gets the lease's lifetimes. DHCPv6: nothing to wait
+    for, its script replaces the address with the lease's lifetimes (and a confirmed lease is
+    not written again, so the file would not tell)."""
+    if m.family == 4:
+        bound = _dhclient_bound(path, interface, m.family, written, until)
+        _dhclient_refresh(interface, bound)
 
 
 def _dhclient_bound(
