@@ -81,9 +81,14 @@ def _enabled_units(booted: BootedLab) -> list[str]:
 
 
 def _owners(plan_json: str) -> list[dict[str, object]]:
-    """The owners `plan` names; a client restarted is the same owner with another pid."""
+    """The owners `plan` names; a client restarted is the same owner with another pid (and
+    one process per family may come back in another order)."""
     owners: list[dict[str, object]] = json.loads(plan_json)["owner"]["owners"]
-    return [{**o, "source": re.sub(r"pid \d+: ", "pid: ", str(o["source"]))} for o in owners]
+    return [{**o, "source": _processes(str(o["source"]))} for o in owners]
+
+
+def _processes(source: str) -> str:
+    return "; ".join(sorted(re.sub(r"^pid \d+: ", "pid: ", p) for p in source.split("; ")))
 
 
 @pytest.mark.parametrize("r", HANDED, ids=[r.name for r in HANDED])
