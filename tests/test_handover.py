@@ -91,6 +91,7 @@ def _processes(source: str) -> str:
     return "; ".join(sorted(re.sub(r"^pid \d+: ", "pid: ", p) for p in source.split("; ")))
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("r", HANDED, ids=[r.name for r in HANDED])
 def test_handed_over_host_survives_leases_restarts_and_reboots(r: ManagedRow) -> None:
     figures: list[str] = []

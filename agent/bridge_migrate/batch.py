@@ -22,6 +22,7 @@ from .plan import (
     Adopt,
     Op,
     Readopt,
+    Release,
     RestoreConfig,
     RestoreFirewall,
     RewriteFirewall,
@@ -124,12 +125,14 @@ def _run_alone(op: Op, until: float | None) -> Outcome:
             return _nft_outcome(op, netfilter.apply_change(op.change))
         case RestoreFirewall():
             return _nft_outcome(op, netfilter.undo_change(op.change))
-        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt() | Release():
             return _handover_outcome(op, until or time.monotonic() + handover.WAIT)
     raise ValueError(f"a netlink operation: {op}")
 
 
-def _handover_outcome(op: WriteConfig | RestoreConfig | Adopt | Readopt, until: float) -> Outcome:
+def _handover_outcome(
+    op: WriteConfig | RestoreConfig | Adopt | Readopt | Release, until: float
+) -> Outcome:
     try:
         match op:
             case WriteConfig():
@@ -140,6 +143,8 @@ def _handover_outcome(op: WriteConfig | RestoreConfig | Adopt | Readopt, until: 
                 handover.adopt(op.adoption, until)
             case Readopt():
                 handover.readopt(op.adoption, until)
+            case Release():
+                handover.release(op.adoption, until)
     except OSError as e:
         return Outcome(op, e.errno or errno.EIO, f"{e.filename or ''}: {e.strerror}")
     except (FileError, handover.HandoverError) as e:

@@ -52,6 +52,7 @@ from .plan import (
     DelRule,
     Op,
     Readopt,
+    Release,
     ReplaceRoute,
     RestoreConfig,
     RestoreFirewall,
@@ -122,7 +123,7 @@ def _message(op: Op, resolve: Resolve, age: float) -> tuple[Any, int, int, Raw]:
             return _link(resolve(op.sysctl.dev)), RTM_NEWLINK, 0, _inet_conf(op)
         case RewriteFirewall() | RestoreFirewall() | WriteConfig() | RestoreConfig():
             raise ValueError(f"not a netlink operation: {op}")
-        case Adopt() | Readopt():
+        case Adopt() | Readopt() | Release():
             raise ValueError(f"not a netlink operation: {op}")
         case _:
             assert_never(op)

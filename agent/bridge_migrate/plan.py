@@ -217,8 +217,29 @@ class Readopt:
         return f"{handover.manager_of_adoption(a).value} configures {a.nic} again"
 
 
+@dataclass(frozen=True)
+class Release:
+    """The manager lets go of the bridge before the netlink inverses take it away. Not a step
+    of the plan: the rollback puts one before the files of every manager it readopts, since a
+    manager that holds its profiles in memory (NetworkManager) would make the bridge again."""
+
+    adoption: handover.Adoption
+
+    def __str__(self) -> str:
+        a = self.adoption
+        return f"{handover.manager_of_adoption(a).value} lets go of {a.bridge}"
+
+
 # Not sent over netlink: files and the daemons that read them.
-NOT_NETLINK = (RewriteFirewall, RestoreFirewall, WriteConfig, RestoreConfig, Adopt, Readopt)
+NOT_NETLINK = (
+    RewriteFirewall,
+    RestoreFirewall,
+    WriteConfig,
+    RestoreConfig,
+    Adopt,
+    Readopt,
+    Release,
+)
 
 Op = (
     CreateBridge
@@ -240,6 +261,7 @@ Op = (
     | RestoreConfig
     | Adopt
     | Readopt
+    | Release
 )
 OP_TYPES: tuple[type, ...] = (
     CreateBridge,
@@ -261,6 +283,7 @@ OP_TYPES: tuple[type, ...] = (
     RestoreConfig,
     Adopt,
     Readopt,
+    Release,
 )
 
 

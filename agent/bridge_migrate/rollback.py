@@ -33,6 +33,7 @@ from .plan import (
     Op,
     Plan,
     Readopt,
+    Release,
     ReplaceRoute,
     RestoreConfig,
     RestoreFirewall,
@@ -119,12 +120,15 @@ def _as_renewed(ops: list[Op], now: HostState, age: float) -> list[Op]:
 
 
 def managers_around(ops: list[Op]) -> list[Op]:
-    """The managers' files restored first, so nothing reads the bridge's files once the
-    bridge is gone; the managers told last, once the NIC is as it was, to configure it again."""
+    """Every manager to be readopted lets go of the bridge first (one that holds its profiles
+    in memory would make the bridge again as soon as the inverses delete it); the managers'
+    files restored next, so nothing reads the bridge's files once the bridge is gone; the
+    managers told last, once the NIC is as it was, to configure it again."""
     files = [op for op in ops if isinstance(op, RestoreConfig)]
     told = [op for op in ops if isinstance(op, Readopt)]
     rest = [op for op in ops if not isinstance(op, RestoreConfig | Readopt)]
-    return [*files, *rest, *told]
+    released = [Release(op.adoption) for op in told]
+    return [*released, *files, *rest, *told]
 
 
 def _split_after_creation(ops: list[Op]) -> list[list[Op]]:
@@ -178,7 +182,7 @@ def op_devices(op: Op) -> tuple[str, ...]:
             return (op.sysctl.dev,)
         case RewriteFirewall() | RestoreFirewall():
             return ()
-        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt() | Release():
             return ()
         case _:
             assert_never(op)
@@ -201,7 +205,7 @@ def already_so(op: Op, error: int) -> bool:
             return False
         case SetSysctl() | RewriteFirewall() | RestoreFirewall():
             return False
-        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt() | Release():
             return False  # each brings its files or its daemon to a state, whatever it was
         case _:
             assert_never(op)

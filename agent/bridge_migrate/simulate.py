@@ -46,6 +46,7 @@ from .plan import (
     DelRule,
     Op,
     Readopt,
+    Release,
     ReplaceRoute,
     RestoreConfig,
     RestoreFirewall,
@@ -120,7 +121,7 @@ def simulate_op(state: HostState, op: Op) -> HostState:
             return replace(state, firewall=_rewritten(state.firewall, op.change))
         case RestoreFirewall():
             return replace(state, firewall=_rewritten(state.firewall, op.change.inverse()))
-        case WriteConfig() | RestoreConfig() | Adopt() | Readopt():
+        case WriteConfig() | RestoreConfig() | Adopt() | Readopt() | Release():
             return state  # files and daemons: not the kernel's state
         case _:
             assert_never(op)

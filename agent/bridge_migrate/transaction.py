@@ -276,6 +276,8 @@ def _kill_hung_agent(store: Store, tx_id: str) -> None:
     tx = store.load()
     if tx is None or tx.id != tx_id or time.time() < tx.deadline or tx.pid <= 1:
         return
+    if not tx.phase.pending:
+        return  # over: the agent is on its way out with the lock
     if tx.phase is Phase.ROLLING_BACK and time.time() < tx.deadline + _ROLLBACK_GRACE:
         return  # busy putting the host back, not hung
     try:

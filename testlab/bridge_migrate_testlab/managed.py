@@ -58,6 +58,8 @@ _NETWORKD_ONLINE = (*_NETWORKD, "systemd-networkd-wait-online.service")
 # NetworkManager ignores keyfiles that others can read.
 _NM_DIR = "/etc/NetworkManager/system-connections/"
 _NM = ("NetworkManager.service", "NetworkManager-wait-online.service")
+# Its profiles, and its leases and timestamps (a boot renews the lease it had).
+_NM_PERSIST = (_NM_DIR.rstrip("/"), "/var/lib/NetworkManager")
 _DYNAMIC = frozenset({Addressing.DHCPV4, Addressing.SLAAC, Addressing.DHCPV6})
 _STATIC = frozenset({Addressing.STATIC})
 
@@ -203,6 +205,10 @@ ROWS: tuple[ManagedRow, ...] = (
         files={_NM_DIR + "lab-static.nmconnection": (_NM_STATIC, 0o600)},
         requires=_NM,
         source=_NM_DIR + "lab-static.nmconnection",
+        handed_over=True,
+        restart=("systemctl", "restart", "NetworkManager.service"),
+        reload=("nmcli", "connection", "reload"),
+        persist=_NM_PERSIST,
     ),
     ManagedRow(
         "nm-dhcp",
@@ -211,6 +217,10 @@ ROWS: tuple[ManagedRow, ...] = (
         files={_NM_DIR + "lab-dhcp.nmconnection": (_NM_DHCP, 0o600)},
         requires=_NM,
         source=_NM_DIR + "lab-dhcp.nmconnection",
+        handed_over=True,
+        restart=("systemctl", "restart", "NetworkManager.service"),
+        reload=("nmcli", "connection", "reload"),
+        persist=_NM_PERSIST,
     ),
     ManagedRow(
         "ifupdown-static",

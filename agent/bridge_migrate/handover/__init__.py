@@ -16,13 +16,23 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import clients, ifupdown, networkd
+from . import clients, ifupdown, networkd, networkmanager
 from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 
-View = networkd.NetworkdView | ifupdown.IfupdownView | clients.DhclientView
-Adoption = networkd.NetworkdAdoption | ifupdown.IfupdownAdoption | clients.DhclientAdoption
+View = (
+    networkd.NetworkdView
+    | networkmanager.NetworkManagerView
+    | ifupdown.IfupdownView
+    | clients.DhclientView
+)
+Adoption = (
+    networkd.NetworkdAdoption
+    | networkmanager.NetworkManagerAdoption
+    | ifupdown.IfupdownAdoption
+    | clients.DhclientAdoption
+)
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,6 @@ class HandoverError(Exception):
     """The manager did not take the new state (or the old one back) as it should."""
 
 
-_ERRORS = (networkd.NetworkdError, ifupdown.IfupdownError, clients.DhclientError)
-
-
 def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Reading:
     views: list[View] = []
     unsupported: list[Owner] = []
@@ -77,11 +84,13 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
         match owner.manager:
             case Manager.NETWORKD if not owner.generator:
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
+            case Manager.NETWORKMANAGER:
+                views.append(networkmanager.read(nic, bridge))
             case Manager.IFUPDOWN:
                 views.append(ifupdown.read(nic, bridge))
             case Manager.DHCLIENT:
                 views.append(clients.dhclient_read(nic, bridge))
-            case Manager.NETWORKD | Manager.NETWORKMANAGER | Manager.DHCPCD | Manager.CLOUD_INIT:
+            case Manager.NETWORKD | Manager.DHCPCD | Manager.CLOUD_INIT:
                 unsupported.append(owner)
             case _:
                 assert_never(owner.manager)
@@ -100,6 +109,11 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
                 view.nic, bridge, bridge_network, view.network_file
             )
             return Handover(Manager.NETWORKD, files, adoption)
+        case networkmanager.NetworkManagerView():
+            planned = networkmanager.plan(view, state, bridge)
+            if isinstance(planned, str):
+                return planned
+            return Handover(Manager.NETWORKMANAGER, *planned)
         case ifupdown.IfupdownView():
             changes = ifupdown.plan(view, state, bridge)
             if isinstance(changes, str):
@@ -118,6 +132,8 @@ def manager_of(view: View) -> Manager:
     match view:
         case networkd.NetworkdView():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerView():
+            return Manager.NETWORKMANAGER
         case ifupdown.IfupdownView():
             return Manager.IFUPDOWN
         case clients.DhclientView():
@@ -130,6 +146,8 @@ def manager_of_adoption(a: Adoption) -> Manager:
     match a:
         case networkd.NetworkdAdoption():
             return Manager.NETWORKD
+        case networkmanager.NetworkManagerAdoption():
+            return Manager.NETWORKMANAGER
         case ifupdown.IfupdownAdoption():
             return Manager.IFUPDOWN
         case clients.DhclientAdoption():
@@ -138,16 +156,44 @@ def manager_of_adoption(a: Adoption) -> Manager:
             assert_never(a)
 
 
+_ERRORS = (
+    networkd.NetworkdError,
+    networkmanager.NetworkManagerError,
+    ifupdown.IfupdownError,
+    clients.DhclientError,
+)
+
+
 def adopt(a: Adoption, until: float) -> None:
     """The manager takes the bridge; `until` (monotonic) bounds the wait for it."""
     try:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.adopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.adopt(a, until)
             case ifupdown.IfupdownAdoption():
                 ifupdown.adopt(a, until)
             case clients.DhclientAdoption():
                 clients.dhclient_adopt(a, until)
+            case _:
+                assert_never(a)
+    except _ERRORS as e:
+        raise HandoverError(str(e)) from e
+
+
+def release(a: Adoption, until: float) -> None:
+    """The manager lets go of the bridge, before the rollback's netlink inverses."""
+    try:
+        match a:
+            case networkd.NetworkdAdoption():
+                pass  # networkd reads its files only when told (readopt): nothing to let go
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.release(a, until)
+            case ifupdown.IfupdownAdoption():
+                pass  # no daemon: its files and its state are all it has
+            case clients.DhclientAdoption():
+                clients.dhclient_release(a, until)
             case _:
                 assert_never(a)
     except _ERRORS as e:
@@ -159,6 +205,8 @@ def readopt(a: Adoption, until: float) -> None:
         match a:
             case networkd.NetworkdAdoption():
                 networkd.readopt(a, until)
+            case networkmanager.NetworkManagerAdoption():
+                networkmanager.readopt(a, until)
             case ifupdown.IfupdownAdoption():
                 ifupdown.readopt(a, until)
             case clients.DhclientAdoption():

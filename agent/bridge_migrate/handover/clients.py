@@ -362,6 +362,13 @@ def dhclient_adopt(a: DhclientAdoption, until: float) -> None:
         _dhclient_refreshed(m, m.bridge_lease_file, a.bridge, written, until)
 
 
+def dhclient_release(a: DhclientAdoption, until: float) -> None:
+    """Before the bridge goes: its clients stopped (no release), so none of them acts on a
+    bridge being taken apart."""
+    for m in a.moves:
+        _dhclient_stop(a.bridge, m.family, until)
+
+
 def dhclient_readopt(a: DhclientAdoption, until: float) -> None:
     """The same the other way: the bridge's client stopped (no release), its newer lease back in
     the NIC's file, the NIC's client started again as it ran."""
