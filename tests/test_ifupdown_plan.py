@@ -417,3 +417,16 @@ def test_a_dhcpv6_lease_makes_its_own_prefix_route_and_an_ipv4_host_address_none
     assert addr("2001:db8:0:1::1f18/128", lft=120).makes_prefix_route
     assert not addr("198.18.0.10/32").makes_prefix_route
     assert addr("198.18.0.10/24").makes_prefix_route
+
+
+def test_plan_says_a_client_run_by_hand_is_not_started_at_boot() -> None:
+    a = dhclient_plan(dhclient_view(["dhclient", "-v", "eth0"], files={}), STATE, "br0")
+    assert not isinstance(a, str)
+    notes = " ".join(clients.dhclient_notes(a))
+    assert "at reboot" in notes and "bare eth0" in notes and "`dhclient -v eth0`" in notes
+    ifups = replace(
+        dhclient_view(), clients=(DhclientProcess(89, 1, tuple(IFUP), "networking.service"),)
+    )
+    b = dhclient_plan(ifups, STATE, "br0")
+    assert not isinstance(b, str) and not b.moves[0].by_hand
+    assert "at reboot" not in " ".join(clients.dhclient_notes(b))  # ifup starts it on br0

@@ -191,7 +191,15 @@ class Checkpoint:
         """The managers' files rewritten, then each manager adopts the bridge (within the
         deadline the probes share)."""
         started = time.perf_counter()
-        result = self.send(steps, resolve, deadline.monotonic)
+        outcomes: list[Outcome] = []
+        seconds = 0.0
+        for step in steps:  # one by one: no manager adopts files that could not be written
+            sent = self.send((step,), resolve, deadline.monotonic)
+            outcomes += sent.outcomes
+            seconds += sent.seconds
+            if _failures(sent):
+                break
+        result = BatchResult(tuple(outcomes), seconds)
         self.report.phase("handover", started, _acked(steps, result))
         boundary("handover")
         if _failures(result):

@@ -39,13 +39,14 @@ def differences(
 
     `age`: seconds between the two readings, by which finite lifetimes may have run down.
     `managed`: a manager configured the devices again in between: it may have renewed leases
-    (finite lifetimes need only be finite) and flushed learned neighbour entries.
+    and learnt routes again from router advertisements (finite lifetimes and expiries need only
+    be finite), and flushed learned neighbour entries.
     """
     return (
         *_link_differences(expected.nic, actual.nic),
         *_bridge_differences(expected.bridge, actual.bridge),
         *_address_differences(expected, actual, None if managed else age),
-        *_route_differences(expected, actual, age),
+        *_route_differences(expected, actual, None if managed else age),
         *_neighbour_differences(expected, actual, managed),
         *_rule_differences(expected, actual),
         *_sysctl_differences(expected, actual),
@@ -158,7 +159,7 @@ def _compared(r: Route) -> bool:
     return r.table != RT_TABLE_LOCAL and not link_local
 
 
-def _route_differences(expected: HostState, actual: HostState, age: float) -> Iterable[str]:
+def _route_differences(expected: HostState, actual: HostState, age: float | None) -> Iterable[str]:
     want, have = compared_routes(expected), compared_routes(actual)
     for r in sorted(want.keys() - have.keys(), key=str):
         yield f"route {r} is missing"
@@ -170,7 +171,7 @@ def _route_differences(expected: HostState, actual: HostState, age: float) -> It
             yield f"route {r}: expires {_seconds(h)}, expected {_seconds(w)}"
 
 
-def _expiry_matches(r: Route, want: int | None, have: int | None, age: float) -> bool:
+def _expiry_matches(r: Route, want: int | None, have: int | None, age: float | None) -> bool:
     if want is None or have is None or r.protocol == RTPROT_KERNEL:
         return (want is None) == (have is None)
     return _lifetime_matches(want, have, age)

@@ -422,8 +422,10 @@ def _netns(pid: int) -> int | None:
 
 def _serves(manager: Manager, argv: list[str], nic: str) -> bool:
     words = [w.strip("[]") for w in argv[1:]]
-    # dhcpcd without an interface on its command line serves every interface.
-    return nic in words or (manager is Manager.DHCPCD and all(w.startswith("-") for w in words))
+    # dhcpcd without an interface on its command line serves every interface; dhcpcd 9 titles
+    # that process "dhcpcd: [manager] [ip4] [ip6]" ("[master]" before 9.3).
+    every = all(w.startswith("-") for w in words) or words[:1] in (["manager"], ["master"])
+    return nic in words or (manager is Manager.DHCPCD and every)
 
 
 def _client_addressing(manager: Manager, argv: list[str]) -> tuple[Addressing, ...]:

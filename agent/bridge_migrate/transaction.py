@@ -26,7 +26,7 @@ from .model import HostState
 from .owner import Owner, ask_owners, handover_refused, ownership
 from .owner import describe as describe_ownership
 from .owner import refusals as unmanageable
-from .plan import RestoreConfig, carried_counts, is_migrated, plan_takeover
+from .plan import Adopt, RestoreConfig, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
 from .record import Locked, RecordError, Store, Transaction
 from .report import Report
@@ -83,6 +83,10 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
         report.attach("blockers", problems)
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge, reading.views)
+    notes = _handover_notes(reading.views, state, req.bridge)
+    report.attach("handover_notes", notes)
+    for line in notes:
+        report.note(f"handover {line}")
     probes = (*gateway_probes(state, nic, req.bridge), *req.probes)
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
@@ -95,6 +99,12 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
     )
     desired = simulate(state, [s.do for s in plan.steps])
     return Prepared(state, plan, desired, probes)
+
+
+def _handover_notes(views: tuple[handover.View, ...], state: HostState, bridge: str) -> list[str]:
+    """What the hand-overs do that is worth knowing before (what a reboot brings, say)."""
+    planned = [handover.plan(v, state, bridge) for v in views]
+    return [n for h in planned if not isinstance(h, str) for n in h.notes]
 
 
 def _read_managers(
@@ -352,6 +362,10 @@ def _interrupted(store: Store, tx: Transaction) -> Transaction:
             write_states(f.inverse() for f in step.undo.files)
     tx = tx.at(Phase.INTERRUPTED, time.time(), f"the machine restarted while {tx.phase}")
     store.save(tx)
+    until = time.monotonic() + handover.WAIT
+    for step in tx.plan.handover:
+        if isinstance(step.do, Adopt):
+            handover.restored(step.do.adoption, until)  # netplan renders the old files again
     return tx
 
 

@@ -47,6 +47,10 @@ class ManagedRow:
     restart: tuple[str, ...] = ()  # how its manager is restarted (systemctl restart ...)
     reload: tuple[str, ...] = ()  # and told to read its configuration again
     persist: tuple[str, ...] = ()  # directories that outlive a reboot (its files, its leases)
+    # After the hand-over, a reboot brings the host up on br0. False: the manager does not come
+    # back at boot (a client started by hand): the host boots as it would have without the
+    # migration (eth0 bare, nothing of ours enabled), and `plan` says so beforehand.
+    boots_onto_bridge: bool = True
 
     @property
     def dhcp(self) -> bool:
@@ -87,6 +91,19 @@ _NETPLAN_DHCP = """network:
     eth0:
       dhcp4: true
       dhcp6: true
+"""
+_NETPLAN_STATIC = f"""network:
+  version: 2
+  renderer: networkd
+  ethernets:
+    eth0:
+      addresses: [{_V4}, "{_V6}"]
+      routes:
+        - to: default
+          via: {_A.gw_v4}
+        - to: default
+          via: "{_A.gw_v6}"
+      accept-ra: false
 """
 _NM_STATIC = f"""[connection]
 id=lab-static
@@ -152,6 +169,15 @@ _DHCLIENT_BY_HAND = (
 _CLOUD_CFG = "datasource_list: [NoCloud]\n"
 _CLOUD_NETPLAN = "# This file is generated from information provided by the datasource.\n"
 
+# netplan hosts handed over: the YAML and networkd's drop-ins (the bridge's IAID) outlive a
+# reboot, as on a disk; netplan's generator renders networkd's files at every boot.
+_NETPLAN_HANDED: dict[str, Any] = {
+    "handed_over": True,
+    "restart": ("systemctl", "restart", "systemd-networkd.service"),
+    "reload": ("networkctl", "reload"),
+    "persist": ("/etc/netplan", "/etc/systemd/network"),
+}
+
 ROWS: tuple[ManagedRow, ...] = (
     ManagedRow(
         "networkd-static",
@@ -185,6 +211,16 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/netplan/01-lab.yaml": (_NETPLAN_DHCP, 0o600)},
         requires=_NETWORKD_ONLINE,
         source="/etc/netplan/01-lab.yaml",
+        **_NETPLAN_HANDED,
+    ),
+    ManagedRow(
+        "netplan-static",
+        "systemd-networkd",
+        _STATIC,
+        files={"/etc/netplan/01-lab.yaml": (_NETPLAN_STATIC, 0o600)},
+        requires=_NETWORKD_ONLINE,
+        source="/etc/netplan/01-lab.yaml",
+        **_NETPLAN_HANDED,
     ),
     ManagedRow(
         "cloud-init-netplan",
@@ -197,6 +233,7 @@ ROWS: tuple[ManagedRow, ...] = (
         },
         requires=_NETWORKD_ONLINE,
         source="/etc/netplan/50-cloud-init.yaml",
+        **{**_NETPLAN_HANDED, "persist": (*_NETPLAN_HANDED["persist"], "/etc/cloud")},
     ),
     ManagedRow(
         "nm-static",
@@ -255,6 +292,8 @@ ROWS: tuple[ManagedRow, ...] = (
         after_boot=("sh", "-ec", _DHCLIENT_BY_HAND),
         source="dhclient -v eth0",
         handed_over=True,
+        persist=("/var/lib/dhcp",),  # its leases and DUIDs
+        boots_onto_bridge=False,
     ),
     ManagedRow(
         "dhcpcd",
@@ -262,6 +301,13 @@ ROWS: tuple[ManagedRow, ...] = (
         _DYNAMIC,
         after_boot=("systemd-run", "--unit=lab-dhcpcd", "--", "dhcpcd", "-B", "eth0"),
         source="dhcpcd: eth0",  # its process title, once started
+        handed_over=True,
+        # Started by hand: restarting it is restarting its unit (on br0 once handed over);
+        # `dhcpcd -n` sends a rebind, dhcpcd reading its configuration again.
+        restart=("systemctl", "restart", "lab-dhcpcd.service"),
+        reload=("dhcpcd", "-n", "br0"),
+        persist=("/var/lib/dhcpcd",),  # its leases and DUID
+        boots_onto_bridge=False,
     ),
 )
 

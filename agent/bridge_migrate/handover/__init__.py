@@ -16,7 +16,7 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import clients, ifupdown, networkd, networkmanager
+from . import clients, cloudinit, ifupdown, netplan, networkd, networkmanager
 from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
@@ -24,12 +24,18 @@ WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
 View = (
     networkd.NetworkdView
     | networkmanager.NetworkManagerView
+    | netplan.NetplanView
+    | cloudinit.CloudInitView
+    | clients.DhcpcdView
     | ifupdown.IfupdownView
     | clients.DhclientView
 )
 Adoption = (
     networkd.NetworkdAdoption
     | networkmanager.NetworkManagerAdoption
+    | netplan.NetplanAdoption
+    | cloudinit.CloudInitAdoption
+    | clients.DhcpcdAdoption
     | ifupdown.IfupdownAdoption
     | clients.DhclientAdoption
 )
@@ -40,6 +46,7 @@ class Handover:
     manager: Manager
     files: tuple[FileChange, ...]
     adoption: Adoption
+    notes: tuple[str, ...] = ()  # for `plan`: what the hand-over does that is worth knowing
 
 
 @dataclass(frozen=True)
@@ -84,14 +91,18 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
         match owner.manager:
             case Manager.NETWORKD if not owner.generator:
                 views.append(networkd.read(owner.source, nic, bridge, ifindex))
+            case Manager.NETWORKD:  # its files are netplan's rendering
+                views.append(netplan.read(owner.source, nic, bridge, ifindex))
             case Manager.NETWORKMANAGER:
                 views.append(networkmanager.read(nic, bridge))
+            case Manager.CLOUD_INIT:
+                views.append(cloudinit.read(owner.source, nic))
+            case Manager.DHCPCD:
+                views.extend(clients.dhcpcd_read(nic))
             case Manager.IFUPDOWN:
                 views.append(ifupdown.read(nic, bridge))
             case Manager.DHCLIENT:
                 views.append(clients.dhclient_read(nic, bridge))
-            case Manager.NETWORKD | Manager.DHCPCD | Manager.CLOUD_INIT:
-                unsupported.append(owner)
             case _:
                 assert_never(owner.manager)
     return Reading(tuple(views), tuple(unsupported))
@@ -114,26 +125,49 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
             if isinstance(planned, str):
                 return planned
             return Handover(Manager.NETWORKMANAGER, *planned)
+        case netplan.NetplanView():
+            changes = netplan.plan(view, state, bridge)
+            if isinstance(changes, str):
+                return changes
+            return Handover(Manager.NETWORKD, changes, netplan.adoption(view, state, bridge))
+        case cloudinit.CloudInitView():
+            changes = cloudinit.plan(view, state, bridge)
+            if isinstance(changes, str):
+                return changes
+            told = cloudinit.CloudInitAdoption(view.nic, bridge)
+            return Handover(Manager.CLOUD_INIT, changes, told)
+        case clients.DhcpcdView():
+            # No file changes: a hand-started dhcpcd has none naming the NIC (its lease files
+            # move with the client, in adopt and readopt, as renewed by then).
+            dhcpcd = clients.dhcpcd_plan(view, state, bridge)
+            if isinstance(dhcpcd, str):
+                return dhcpcd
+            return Handover(Manager.DHCPCD, (), dhcpcd, clients.dhcpcd_notes(dhcpcd))
         case ifupdown.IfupdownView():
             changes = ifupdown.plan(view, state, bridge)
             if isinstance(changes, str):
                 return changes
             return Handover(Manager.IFUPDOWN, changes, ifupdown.adoption(view, state, bridge))
         case clients.DhclientView():
+            # No file changes either: its lease file moves with it (adopt and readopt).
             moves = clients.dhclient_plan(view, state, bridge)
             if isinstance(moves, str):
                 return moves
-            return Handover(Manager.DHCLIENT, (), moves)
+            return Handover(Manager.DHCLIENT, (), moves, clients.dhclient_notes(moves))
         case _:
             assert_never(view)
 
 
 def manager_of(view: View) -> Manager:
     match view:
-        case networkd.NetworkdView():
+        case networkd.NetworkdView() | netplan.NetplanView():
             return Manager.NETWORKD
         case networkmanager.NetworkManagerView():
             return Manager.NETWORKMANAGER
+        case cloudinit.CloudInitView():
+            return Manager.CLOUD_INIT
+        case clients.DhcpcdView():
+            return Manager.DHCPCD
         case ifupdown.IfupdownView():
             return Manager.IFUPDOWN
         case clients.DhclientView():
@@ -144,10 +178,14 @@ def manager_of(view: View) -> Manager:
 
 def manager_of_adoption(a: Adoption) -> Manager:
     match a:
-        case networkd.NetworkdAdoption():
+        case networkd.NetworkdAdoption() | netplan.NetplanAdoption():
             return Manager.NETWORKD
         case networkmanager.NetworkManagerAdoption():
             return Manager.NETWORKMANAGER
+        case cloudinit.CloudInitAdoption():
+            return Manager.CLOUD_INIT
+        case clients.DhcpcdAdoption():
+            return Manager.DHCPCD
         case ifupdown.IfupdownAdoption():
             return Manager.IFUPDOWN
         case clients.DhclientAdoption():
@@ -159,6 +197,8 @@ def manager_of_adoption(a: Adoption) -> Manager:
 _ERRORS = (
     networkd.NetworkdError,
     networkmanager.NetworkManagerError,
+    netplan.NetplanError,
+    clients.DhcpcdError,
     ifupdown.IfupdownError,
     clients.DhclientError,
 )
@@ -172,6 +212,12 @@ def adopt(a: Adoption, until: float) -> None:
                 networkd.adopt(a, until)
             case networkmanager.NetworkManagerAdoption():
                 networkmanager.adopt(a, until)
+            case netplan.NetplanAdoption():
+                netplan.adopt(a, until)
+            case cloudinit.CloudInitAdoption():
+                cloudinit.adopt(a, until)
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_adopt(a, until)
             case ifupdown.IfupdownAdoption():
                 ifupdown.adopt(a, until)
             case clients.DhclientAdoption():
@@ -182,14 +228,41 @@ def adopt(a: Adoption, until: float) -> None:
         raise HandoverError(str(e)) from e
 
 
+def restored(a: Adoption, until: float) -> None:
+    """The manager's files are back after a restart cut a transaction short, before the manager
+    starts (`bridge-migrate recover`): what was rendered from the rewritten ones at boot is
+    rendered again from them."""
+    try:
+        match a:
+            case netplan.NetplanAdoption():
+                netplan.generate(until)  # its generator ran at boot, on the rewritten YAML
+            case (
+                networkd.NetworkdAdoption()
+                | networkmanager.NetworkManagerAdoption()
+                | cloudinit.CloudInitAdoption()
+                | clients.DhcpcdAdoption()
+                | ifupdown.IfupdownAdoption()
+                | clients.DhclientAdoption()
+            ):
+                pass  # they read their files when they start
+            case _:
+                assert_never(a)
+    except _ERRORS as e:
+        raise HandoverError(str(e)) from e
+
+
 def release(a: Adoption, until: float) -> None:
     """The manager lets go of the bridge, before the rollback's netlink inverses."""
     try:
         match a:
-            case networkd.NetworkdAdoption():
+            case networkd.NetworkdAdoption() | netplan.NetplanAdoption():
                 pass  # networkd reads its files only when told (readopt): nothing to let go
             case networkmanager.NetworkManagerAdoption():
                 networkmanager.release(a, until)
+            case cloudinit.CloudInitAdoption():
+                pass  # it runs at boot only
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_release(a, until)
             case ifupdown.IfupdownAdoption():
                 pass  # no daemon: its files and its state are all it has
             case clients.DhclientAdoption():
@@ -207,6 +280,12 @@ def readopt(a: Adoption, until: float) -> None:
                 networkd.readopt(a, until)
             case networkmanager.NetworkManagerAdoption():
                 networkmanager.readopt(a, until)
+            case netplan.NetplanAdoption():
+                netplan.readopt(a, until)
+            case cloudinit.CloudInitAdoption():
+                cloudinit.readopt(a, until)
+            case clients.DhcpcdAdoption():
+                clients.dhcpcd_readopt(a, until)
             case ifupdown.IfupdownAdoption():
                 ifupdown.readopt(a, until)
             case clients.DhclientAdoption():

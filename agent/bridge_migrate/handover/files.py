@@ -75,7 +75,7 @@ def _put(path: Path, state: FileState) -> None:
             path.unlink()
         _sync_dir(path.parent)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs(path.parent)
     temporary = path.with_name(f".{path.name}.bridge-migrate")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, state.mode)
     with open(fd, "wb") as f:
@@ -85,6 +85,17 @@ def _put(path: Path, state: FileState) -> None:
         os.fsync(fd)
     os.replace(temporary, path)
     _sync_dir(path.parent)
+
+
+def _make_dirs(directory: Path) -> None:
+    """Missing directories, readable by all as their managers expect: networkd reads its
+    drop-in directories as its own user, and the agent's unit runs with UMask=0077 (a 0700
+    drop-in directory was silently ignored)."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o755)
+            os.chmod(d, 0o755)  # not narrowed by the umask
 
 
 def _sync_dir(directory: Path) -> None:

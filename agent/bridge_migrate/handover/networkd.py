@@ -89,11 +89,11 @@ def read(network_file: str, nic: str, bridge: str, ifindex: int) -> NetworkdView
     )
     targets = tuple((p, read_state(p)) for p in bridge_files(network_file, bridge))
     return NetworkdView(
-        nic, network_file, read_state(network_file), dropins, _iaid(ifindex), targets
+        nic, network_file, read_state(network_file), dropins, link_iaid(ifindex), targets
     )
 
 
-def _iaid(ifindex: int) -> int | None:
+def link_iaid(ifindex: int) -> int | None:
     """The IAID networkd's DHCP clients use on the link (DHCPv6's, and DHCPv4's client id)."""
     try:
         text = Path(f"{_STATE}/{ifindex}").read_text()
