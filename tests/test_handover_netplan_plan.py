@@ -242,7 +242,10 @@ def test_a_manager_configuring_the_nic_again_may_have_learnt_its_ra_routes_again
         return host_with([], [ra], [])
 
     assert differences(state(1795), state(1800), 5.0, managed=True) == ()
-    assert differences(state(1795), state(1800), 5.0) != ()
+    # Unmanaged, a lifetime may also have grown (an RA renewed it: the bridge's first router
+    # solicitation is answered during the check), but not run down by more than the age.
+    assert differences(state(1795), state(1800), 5.0) == ()
+    assert differences(state(1795), state(1700), 5.0) != ()
 
 
 def test_new_dropin_directories_are_readable_by_the_manager_whatever_the_umask(

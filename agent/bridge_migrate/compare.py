@@ -17,6 +17,7 @@ from dataclasses import replace
 from .model import (
     AF_INET6,
     FOREVER,
+    IFA_F_NODAD,
     IFA_F_TRANSIENT,
     IFF_UP,
     RT_TABLE_LOCAL,
@@ -110,11 +111,17 @@ def _address_list_differences(
         yield f"{dev}: {family} order is {' '.join(common_have)}, expected {' '.join(common_want)}"
 
 
+# Tentative and optimistic pass with DAD; NODAD says only how the address was added, and the
+# kernel drops it when a router advertisement renews an autoconfigured address (seen at the
+# check: the bridge's first solicitation is answered at once).
+_UNCOMPARED_FLAGS = IFA_F_TRANSIENT | IFA_F_NODAD
+
+
 def _address_field_differences(want: Address, have: Address, age: float | None) -> Iterable[str]:
     for what, w, h in (
         ("prefix length", want.prefixlen, have.prefixlen),
         ("scope", want.scope, have.scope),
-        ("flags", want.flags & ~IFA_F_TRANSIENT, have.flags & ~IFA_F_TRANSIENT),
+        ("flags", want.flags & ~_UNCOMPARED_FLAGS, have.flags & ~_UNCOMPARED_FLAGS),
         ("label", want.label, have.label),
         ("broadcast", want.broadcast, have.broadcast),
         ("peer", want.peer, have.peer),
@@ -130,12 +137,14 @@ def _address_field_differences(want: Address, have: Address, age: float | None) 
 
 
 def _lifetime_matches(want: int, have: int, age: float | None) -> bool:
-    """`age` None: renewed by a manager since, so any finite lifetime will do."""
+    """`age` None: renewed by a manager since, so any finite lifetime will do. Else it may
+    have run down by `age`, or grown: renewed in the meantime by what renews it (a router
+    advertisement answering the bridge's first solicitation, at once; a DHCP client)."""
     if FOREVER in (want, have):
         return want == have
     if age is None:
         return True
-    return want - age - LIFETIME_SLACK <= have <= want + LIFETIME_SLACK
+    return want - age - LIFETIME_SLACK <= have
 
 
 def compared_routes(state: HostState) -> dict[Route, int | None]:

@@ -91,9 +91,10 @@ class Address:
 
     @property
     def makes_prefix_route(self) -> bool:
-        """The kernel adds (and removes) a route to this address's prefix by itself."""
-        full = 32 if self.family == AF_INET else 128
-        return not self.flags & IFA_F_NOPREFIXROUTE and self.prefixlen < full and not self.peer
+        """The kernel adds (and removes) a route to this address's prefix by itself: IPv4 for
+        a prefix shorter than /32, IPv6 for any (a DHCPv6 /128 gets a /128 route)."""
+        whole = self.family == AF_INET and self.prefixlen == 32
+        return not self.flags & IFA_F_NOPREFIXROUTE and not whole and not self.peer
 
     @property
     def finite(self) -> bool:

@@ -380,18 +380,27 @@ def _processes() -> list[tuple[int, list[str]]]:
 
 
 def _clients(nic: str, procs: list[tuple[int, list[str]]]) -> list[Owner]:
-    """One owner per client program whose process in this network namespace serves the NIC."""
+    """One owner per client program whose process in this network namespace serves the NIC.
+    dhclient runs one process per family (-4, -6): each is named, their addressing joined."""
     own = _netns(os.getpid())
     found: dict[Manager, Owner] = {}
     for pid, argv in procs:
         manager = _CLIENTS.get(Path(argv[0]).name.removesuffix(":")) if argv else None
-        if manager is None or manager in found or not _serves(manager, argv, nic):
+        if manager is None or not _serves(manager, argv, nic):
             continue
+        if manager in found and manager is not Manager.DHCLIENT:
+            continue  # dhcpcd's processes (its master, one per interface) are one client
         if own is not None and _netns(pid) not in (own, None):
             continue  # another namespace's client (a container's, a lab's)
         line = " ".join(argv)[:200]
-        found[manager] = Owner(manager, f"pid {pid}: {line}", _client_addressing(manager, argv))
+        owner = Owner(manager, f"pid {pid}: {line}", _client_addressing(manager, argv))
+        found[manager] = _joined(found[manager], owner) if manager in found else owner
     return list(found.values())
+
+
+def _joined(a: Owner, b: Owner) -> Owner:
+    addressing = _ordered({*a.addressing, *b.addressing})
+    return Owner(a.manager, f"{a.source}; {b.source}", addressing)
 
 
 def _cmdline(pid: int) -> list[str]:

@@ -149,6 +149,21 @@ iface eth0 inet dhcp
 
 iface eth0 inet6 auto
 """
+_IFUPDOWN_RESTART = ("systemctl", "restart", "networking.service")
+# ifupdown has no reload: the bridge is taken down and brought up again from its stanzas. Run
+# as a unit of the host, so that the DHCP client ifup starts stays in the host (a command run
+# from outside would hold it in the machine's cgroup), and kept up after ifup returns.
+_IFUPDOWN_RELOAD = (
+    *("systemd-run", "--unit=lab-ifdown-ifup", "--property=Type=oneshot"),
+    *("--property=RemainAfterExit=yes", "--", "sh", "-ec", "ifdown br0; ifup br0"),
+)
+_IFUPDOWN_PERSIST = ("/etc/network", "/var/lib/dhcp")
+# Units of the host, so the clients stay in it; each forks once it holds a lease.
+_DHCLIENT_BY_HAND = (
+    "sysctl -qw net.ipv6.conf.eth0.autoconf=0\n"
+    "systemd-run --quiet --unit=lab-dhclient --property=Type=forking dhclient -v eth0\n"
+    "systemd-run --quiet --unit=lab-dhclient6 --property=Type=forking dhclient -6 -v eth0\n"
+)
 # What cloud-init leaves behind on an image whose datasource gave it the network (its netplan
 # file, its configuration and its run directory); cloud-init itself runs only at first boot.
 _CLOUD_CFG = "datasource_list: [NoCloud]\n"
@@ -251,6 +266,10 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/network/interfaces": (_IFUPDOWN_STATIC, 0o644)},
         requires=("networking.service",),
         source="/etc/network/interfaces",
+        handed_over=True,
+        restart=_IFUPDOWN_RESTART,
+        reload=_IFUPDOWN_RELOAD,
+        persist=_IFUPDOWN_PERSIST,
     ),
     ManagedRow(
         "ifupdown-dhcp",
@@ -259,6 +278,22 @@ ROWS: tuple[ManagedRow, ...] = (
         files={"/etc/network/interfaces": (_IFUPDOWN_DHCP, 0o644)},
         requires=("networking.service",),
         source="/etc/network/interfaces",
+        handed_over=True,
+        restart=_IFUPDOWN_RESTART,
+        reload=_IFUPDOWN_RELOAD,
+        persist=_IFUPDOWN_PERSIST,
+    ),
+    # dhclient started by hand for each family, with no manager: DHCPv4, and DHCPv6 beside the
+    # RAs' routes (no SLAAC address, which no client here would own).
+    ManagedRow(
+        "dhclient",
+        "dhclient",
+        frozenset({Addressing.DHCPV4, Addressing.DHCPV6}),
+        after_boot=("sh", "-ec", _DHCLIENT_BY_HAND),
+        source="dhclient -v eth0",
+        handed_over=True,
+        persist=("/var/lib/dhcp",),  # its leases and DUIDs
+        boots_onto_bridge=False,
     ),
     ManagedRow(
         "dhcpcd",

@@ -16,7 +16,7 @@ from typing import assert_never
 
 from ..model import HostState
 from ..owner import Manager, Owner
-from . import clients, cloudinit, netplan, networkd, networkmanager
+from . import clients, cloudinit, ifupdown, netplan, networkd, networkmanager
 from .files import ABSENT, FileChange, FileState
 
 WAIT = 20.0  # seconds a manager has to configure the NIC again in a rollback
@@ -27,6 +27,8 @@ View = (
     | netplan.NetplanView
     | cloudinit.CloudInitView
     | clients.DhcpcdView
+    | ifupdown.IfupdownView
+    | clients.DhclientView
 )
 Adoption = (
     networkd.NetworkdAdoption
@@ -34,6 +36,8 @@ Adoption = (
     | netplan.NetplanAdoption
     | cloudinit.CloudInitAdoption
     | clients.DhcpcdAdoption
+    | ifupdown.IfupdownAdoption
+    | clients.DhclientAdoption
 )
 
 
@@ -95,8 +99,10 @@ def read(owners: tuple[Owner, ...], nic: str, bridge: str, ifindex: int) -> Read
                 views.append(cloudinit.read(owner.source, nic))
             case Manager.DHCPCD:
                 views.extend(clients.dhcpcd_read(nic))
-            case Manager.IFUPDOWN | Manager.DHCLIENT:
-                unsupported.append(owner)
+            case Manager.IFUPDOWN:
+                views.append(ifupdown.read(nic, bridge))
+            case Manager.DHCLIENT:
+                views.append(clients.dhclient_read(nic, bridge))
             case _:
                 assert_never(owner.manager)
     return Reading(tuple(views), tuple(unsupported))
@@ -137,6 +143,17 @@ def plan(view: View, state: HostState, bridge: str) -> Handover | str:
             if isinstance(dhcpcd, str):
                 return dhcpcd
             return Handover(Manager.DHCPCD, (), dhcpcd, clients.dhcpcd_notes(dhcpcd))
+        case ifupdown.IfupdownView():
+            changes = ifupdown.plan(view, state, bridge)
+            if isinstance(changes, str):
+                return changes
+            return Handover(Manager.IFUPDOWN, changes, ifupdown.adoption(view, state, bridge))
+        case clients.DhclientView():
+            # No file changes either: its lease file moves with it (adopt and readopt).
+            moves = clients.dhclient_plan(view, state, bridge)
+            if isinstance(moves, str):
+                return moves
+            return Handover(Manager.DHCLIENT, (), moves, clients.dhclient_notes(moves))
         case _:
             assert_never(view)
 
@@ -151,6 +168,10 @@ def manager_of(view: View) -> Manager:
             return Manager.CLOUD_INIT
         case clients.DhcpcdView():
             return Manager.DHCPCD
+        case ifupdown.IfupdownView():
+            return Manager.IFUPDOWN
+        case clients.DhclientView():
+            return Manager.DHCLIENT
         case _:
             assert_never(view)
 
@@ -165,6 +186,10 @@ def manager_of_adoption(a: Adoption) -> Manager:
             return Manager.CLOUD_INIT
         case clients.DhcpcdAdoption():
             return Manager.DHCPCD
+        case ifupdown.IfupdownAdoption():
+            return Manager.IFUPDOWN
+        case clients.DhclientAdoption():
+            return Manager.DHCLIENT
         case _:
             assert_never(a)
 
@@ -174,6 +199,8 @@ _ERRORS = (
     networkmanager.NetworkManagerError,
     netplan.NetplanError,
     clients.DhcpcdError,
+    ifupdown.IfupdownError,
+    clients.DhclientError,
 )
 
 
@@ -191,6 +218,10 @@ def adopt(a: Adoption, until: float) -> None:
                 cloudinit.adopt(a, until)
             case clients.DhcpcdAdoption():
                 clients.dhcpcd_adopt(a, until)
+            case ifupdown.IfupdownAdoption():
+                ifupdown.adopt(a, until)
+            case clients.DhclientAdoption():
+                clients.dhclient_adopt(a, until)
             case _:
                 assert_never(a)
     except _ERRORS as e:
@@ -210,6 +241,8 @@ def restored(a: Adoption, until: float) -> None:
                 | networkmanager.NetworkManagerAdoption()
                 | cloudinit.CloudInitAdoption()
                 | clients.DhcpcdAdoption()
+                | ifupdown.IfupdownAdoption()
+                | clients.DhclientAdoption()
             ):
                 pass  # they read their files when they start
             case _:
@@ -230,6 +263,10 @@ def release(a: Adoption, until: float) -> None:
                 pass  # it runs at boot only
             case clients.DhcpcdAdoption():
                 clients.dhcpcd_release(a, until)
+            case ifupdown.IfupdownAdoption():
+                pass  # no daemon: its files and its state are all it has
+            case clients.DhclientAdoption():
+                clients.dhclient_release(a, until)
             case _:
                 assert_never(a)
     except _ERRORS as e:
@@ -249,6 +286,10 @@ def readopt(a: Adoption, until: float) -> None:
                 cloudinit.readopt(a, until)
             case clients.DhcpcdAdoption():
                 clients.dhcpcd_readopt(a, until)
+            case ifupdown.IfupdownAdoption():
+                ifupdown.readopt(a, until)
+            case clients.DhclientAdoption():
+                clients.dhclient_readopt(a, until)
             case _:
                 assert_never(a)
     except _ERRORS as e:
