@@ -29,6 +29,10 @@ PURE = [
     "tests/test_output_safety.py",
     "tests/test_record.py",
     "tests/test_handover_plan.py",
+    "tests/test_handover_nm_plan.py",
+    "tests/test_handover_netplan_plan.py",
+    "tests/test_handover_dhcpcd_plan.py",
+    "tests/test_ifupdown_plan.py",
 ]
 LABS = {
     "kernel": [
@@ -53,6 +57,10 @@ LABS = {
         "tests/test_events.py",
         "tests/test_managed.py",
         "tests/test_handover.py",
+        "tests/test_handover_nm.py",
+        "tests/test_handover_netplan.py",
+        "tests/test_handover_dhcpcd.py",
+        "tests/test_handover_ifupdown.py",
     ],
     "remote": ["tests/test_remote.py", "tests/test_ansible.py", "tests/test_contract.py"],
 }
