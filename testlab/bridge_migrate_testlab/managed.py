@@ -29,7 +29,7 @@ from bridge_migrate_testlab.systemd import Bind, BootedLab, BootSpec
 _A = LabAddresses()
 _V4 = f"{_A.host_v4}/{_A.v4_prefixlen}"
 _V6 = f"{_A.host_v6}/{_A.v6_prefixlen}"
-_CONFIGURED_TIMEOUT = 30.0  # DHCP and SLAAC after boot (dhcpcd runs only then)
+_CONFIGURED_TIMEOUT = 60.0  # DHCP and SLAAC after boot (dhcpcd runs only then), on a loaded machine
 
 
 @dataclass(frozen=True)
