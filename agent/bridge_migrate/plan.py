@@ -263,28 +263,6 @@ Op = (
     | Readopt
     | Release
 )
-OP_TYPES: tuple[type, ...] = (
-    CreateBridge,
-    DeleteBridge,
-    SetMaster,
-    AddAddress,
-    DelAddress,
-    AddNeighbour,
-    DelNeighbour,
-    ReplaceRoute,
-    AddRoute,
-    DelRoute,
-    AddRule,
-    DelRule,
-    SetSysctl,
-    RewriteFirewall,
-    RestoreFirewall,
-    WriteConfig,
-    RestoreConfig,
-    Adopt,
-    Readopt,
-    Release,
-)
 
 
 @dataclass(frozen=True)
