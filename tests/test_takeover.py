@@ -8,10 +8,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
 
+from bridge_migrate.contract import Stage, StageName
 from bridge_migrate.record import RECORD, Store
 from bridge_migrate_testlab import Lab
 from conftest import Agent
@@ -53,15 +55,21 @@ def test_human_output_has_a_line_per_phase_and_json_has_the_record(lab: Lab, age
     assert run.code == 0, run.stderr
     doc = run.json()
     assert doc["result"] == "migrated" and doc["exit_code"] == 0
-    assert [p["name"] for p in doc["phases"]] == [
-        "snapshot",
-        "plan",
-        "prepare",
-        "batch",
-        "check",
-        "verify",
+    stages = [Stage.from_data(p) for p in doc["phases"]]
+    assert [s.name for s in stages] == [
+        StageName.SNAPSHOT,
+        StageName.PLAN,
+        StageName.RECORD,
+        StageName.PREPARE,
+        StageName.BATCH,
+        StageName.CHECK,
+        StageName.VERIFY,
     ]
-    assert all(p["ms"] >= 0 for p in doc["phases"])
+    assert all(s.ms >= 0 for s in stages)
+    prepare, batch, verify = stages[3], stages[4], stages[6]
+    assert prepare.ready_ms is not None and prepare.acked == prepare.total
+    assert batch.total == len(doc["plan"]["batch"]) == batch.acked
+    assert verify.total == verify.acked == 2 and not verify.problems
     assert doc["snapshot"]["nic"]["name"] == "eth0"
     assert len(doc["plan"]["make"]) >= 5 and len(doc["plan"]["batch"]) >= 5
     status = agent("status")
@@ -106,9 +114,9 @@ def test_failure_while_making_the_additions_is_undone(lab: Lab, agent: Agent) ->
     assert doc["result"] == "rolled back"
     assert "failed: set eth0 master br0: Device or resource busy" in doc["message"]
     assert "macvlan" in doc["message"] and "attach" in doc["message"]
-    prepare = next(p for p in doc["phases"] if p["name"] == "prepare")
-    done, total = prepare["detail"].split()[0].split("/")
-    assert 0 < int(done) < int(total)
+    prepare = _stage(doc, StageName.PREPARE)
+    assert prepare.acked is not None and prepare.total is not None
+    assert 0 < prepare.acked < prepare.total
     assert_unchanged(before, read_view(lab.host_ns))
 
 
@@ -125,9 +133,9 @@ def test_failure_in_the_middle_of_the_batch_is_undone(lab: Lab, agent: Agent) ->
     assert run.code == 4, run.stderr + run.stdout
     doc = run.json()
     assert "failed: replace route default via 2001:db8:0:1::1 dev br0" in doc["message"]
-    batch = next(p for p in doc["phases"] if p["name"] == "batch")
-    done, total = batch["detail"].split()[0].split("/")
-    assert 0 < int(done) < int(total)
+    batch = _stage(doc, StageName.BATCH)
+    assert batch.acked is not None and batch.total is not None
+    assert 0 < batch.acked < batch.total
     assert_unchanged(before, read_view(lab.host_ns))
 
 
@@ -502,3 +510,7 @@ def test_without_systemd_unconfirmed_change_is_rolled_back(lab: Lab, agent: Agen
     assert_unchanged(before, read_view(lab.host_ns))
     late = agent("confirm")
     assert late.code == 3 and "nothing to confirm" in late.stderr
+
+
+def _stage(doc: dict[str, Any], name: StageName) -> Stage:
+    return next(s for s in map(Stage.from_data, doc["phases"]) if s.name is name)

@@ -23,13 +23,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import bridgefilter, guestbook, lanprobe
 from .attachment import Attachment, AttachSpec, GuestAddress, host_end_name
 from .checkpoint import Interrupted, signal_guard
-from .contract import ExitCode
+from .contract import ExitCode, StageName
 from .errors import Refused
 from .guest import Guest, GuestSpec, entered, resolved, with_netlink
 from .model import IFA_F_NODAD
 from .preflight import check_root
+from .progress import Progress
 from .record import Store
-from .report import Report
 from .verify import Probe, ProbeKind, run_probes
 
 IFF_UP = 0x1
@@ -58,19 +58,18 @@ class NotVerified(Exception):
     pass
 
 
-def attach(req: AttachRequest, store: Store, report: Report) -> ExitCode:
+def attach(req: AttachRequest, store: Store, progress: Progress) -> ExitCode:
     check_root()
-    report.bind(bridge=req.spec.bridge)
+    progress.bind(bridge=req.spec.bridge)
     with store.lock():
         _refuse_pending(store)
         with resolved(req.guest) as guest, IPRoute() as ipr:
-            return _attach(req, store, report, guest, ipr)
+            return _attach(req, store, progress, guest, ipr)
 
 
 def _attach(
-    req: AttachRequest, store: Store, report: Report, guest: Guest, ipr: IPRoute
+    req: AttachRequest, store: Store, progress: Progress, guest: Guest, ipr: IPRoute
 ) -> ExitCode:
-    started = time.perf_counter()
     spec = req.spec
     attached = guestbook.load(store)
     old = _entry(attached, guest, spec.ifname)
@@ -78,7 +77,7 @@ def _attach(
         _remove(ipr, old)  # a half left by hand: the pair is ours, whatever became of its end
         old, attached = None, tuple(a for a in attached if a is not old)
     if old is not None and old.spec == spec:
-        report.finish(ExitCode.OK, "already attached", f"{old}; nothing to do")
+        progress.finish(ExitCode.OK, "already attached", f"{old}; nothing to do")
         return ExitCode.OK
     if old is not None and not req.replace:
         raise Refused(
@@ -95,8 +94,8 @@ def _attach(
         guest_mac=spec.mac or _random_mac(),
         mtu=spec.mtu or bridge.mtu,
     )
-    report.phase(
-        "check", started, f"{guest.spec}: {len(spec.addresses)} address(es), nothing in use"
+    progress.stage(
+        StageName.CHECK, subject=str(guest.spec), counts=(("address(es)", len(spec.addresses)),)
     )
     kept = tuple(a for a in attached if a is not old)
     guestbook.save(store, (*kept, entry))
@@ -105,21 +104,21 @@ def _attach(
     # SIGTERM, SIGHUP or SIGINT from here on removes what was added, as a failure does.
     with signal_guard() as guard:
         try:
-            _make(ipr, guest, entry, bridge, report)
-            _verify(guest, entry, bridge, req.timeout, report)
+            _make(ipr, guest, entry, bridge, progress)
+            _verify(guest, entry, bridge, req.timeout, progress)
         except (NotVerified, Interrupted, OSError, NetlinkError) as e:
             guard.armed = False  # the removal runs to its end
-            return _roll_back(ipr, store, report, guest, kept, entry, old, bridge, str(e))
+            return _roll_back(ipr, store, progress, guest, kept, entry, old, bridge, str(e))
         guard.armed = False
-    report.attach("attached", entry)
-    report.finish(ExitCode.OK, "attached", str(entry))
+    progress.attach("attached", entry)
+    progress.finish(ExitCode.OK, "attached", str(entry))
     return ExitCode.OK
 
 
 def _roll_back(
     ipr: IPRoute,
     store: Store,
-    report: Report,
+    progress: Progress,
     guest: Guest,
     kept: tuple[Attachment, ...],
     entry: Attachment,
@@ -127,20 +126,19 @@ def _roll_back(
     bridge: BridgeView,
     why: str,
 ) -> ExitCode:
-    started = time.perf_counter()
     _remove(ipr, entry)
     if old is not None:  # --replace: the one it replaced comes back as it was
-        _make(ipr, guest, old, bridge, report)
+        _make(ipr, guest, old, bridge, progress)
     guestbook.save(store, (*kept, old) if old is not None else kept)
     back = f"; {old} put back" if old is not None else ""
-    report.phase("rollback", started, f"removed {entry.host_end} and its guest end{back}")
-    report.finish(
+    progress.stage(StageName.ROLLBACK, subject=entry.host_end)
+    progress.finish(
         ExitCode.ROLLED_BACK, "rolled back", f"{why}; everything attach added was removed{back}"
     )
     return ExitCode.ROLLED_BACK
 
 
-def detach(spec: GuestSpec, ifname: str, store: Store, report: Report) -> ExitCode:
+def detach(spec: GuestSpec, ifname: str, store: Store, progress: Progress) -> ExitCode:
     check_root()
     with store.lock():
         _refuse_pending(store)
@@ -151,9 +149,8 @@ def detach(spec: GuestSpec, ifname: str, store: Store, report: Report) -> ExitCo
                 (a for a in attached if a.guest == str(spec) and a.spec.ifname == ifname), None
             )
             if entry is None:
-                report.finish(ExitCode.OK, "nothing to do", f"{spec} {ifname} is not attached")
+                progress.finish(ExitCode.OK, "nothing to do", f"{spec} {ifname} is not attached")
                 return ExitCode.OK
-            started = time.perf_counter()
             if (
                 guest is not None
                 and _guest_link(guest, ifname, entry.guest_mac) is None
@@ -168,8 +165,8 @@ def detach(spec: GuestSpec, ifname: str, store: Store, report: Report) -> ExitCo
             removed = _remove(ipr, entry)
             guestbook.save(store, tuple(a for a in attached if a is not entry))
     what = f"removed {entry.host_end} and {ifname} in {spec}" if removed else "it was gone already"
-    report.phase("detach", started, what)
-    report.finish(ExitCode.OK, "detached", f"{entry}: {what}")
+    progress.stage(StageName.DETACH, subject=entry.host_end, acked=int(removed), total=1)
+    progress.finish(ExitCode.OK, "detached", f"{entry}: {what}")
     return ExitCode.OK
 
 
@@ -283,9 +280,8 @@ def _check_in_use(
 
 
 def _make(
-    ipr: IPRoute, guest: Guest, entry: Attachment, bridge: BridgeView, report: Report
+    ipr: IPRoute, guest: Guest, entry: Attachment, bridge: BridgeView, progress: Progress
 ) -> None:
-    started = time.perf_counter()
     spec = entry.spec
     peer = {
         "ifname": spec.ifname,
@@ -297,9 +293,7 @@ def _make(
     (index,) = ipr.link_lookup(ifname=entry.host_end)
     ipr.link("set", index=index, master=bridge.index, state="up")
     with_netlink(guest, lambda inside: _configure(inside, spec))
-    report.phase(
-        "attach", started, f"{entry.host_end} on {bridge.name}, {spec.ifname} in {guest.spec}"
-    )
+    progress.stage(StageName.ATTACH, subject=entry.host_end)
 
 
 def _configure(inside: IPRoute, spec: AttachSpec) -> None:
@@ -329,23 +323,24 @@ def _remove(ipr: IPRoute, entry: Attachment) -> bool:
 
 
 def _verify(
-    guest: Guest, entry: Attachment, bridge: BridgeView, timeout: float, report: Report
+    guest: Guest, entry: Attachment, bridge: BridgeView, timeout: float, progress: Progress
 ) -> None:
-    started = time.perf_counter()
     probes = _probes(entry, bridge)
     if not probes:
-        report.phase(
-            "verify", started, "nothing to verify: no gateway, and the host is not on the prefix"
-        )
+        progress.stage(StageName.VERIFY, acked=0, total=0)  # no gateway, not on the prefix
         return
     deadline = time.monotonic() + timeout
     with entered(guest):
-        results = run_probes(probes, deadline, report.ping)
+        results = run_probes(probes, deadline, progress.ping)
     silent = [r.probe for r in results if not r.ok]
-    detail = ", ".join(
-        f"{r.probe.spec} {'ok' if r.ok else 'silent'} in {r.seconds * 1000:.0f} ms" for r in results
+    for r in results:
+        progress.note(f"{r.probe.spec}: {'ok' if r.ok else 'silent'} in {r.seconds * 1000:.0f} ms")
+    progress.stage(
+        StageName.VERIFY,
+        acked=len(results) - len(silent),
+        total=len(results),
+        problems=tuple(p.spec for p in silent),
     )
-    report.phase("verify", started, detail)
     if silent:
         names = ", ".join(p.target for p in silent)
         raise NotVerified(f"from inside {guest.spec}, {names} did not answer within {timeout:g} s")

@@ -23,18 +23,18 @@ from pyroute2 import IPRoute
 from . import deadman
 from .batch import BatchResult, Outcome, send_batch
 from .compare import differences
-from .contract import ExitCode, Phase
+from .contract import ExitCode, Phase, StageName
 from .encode import Resolve
 from .errors import Refused
 from .failpoints import boundary
 from .handover.files import FileError, write_states
 from .model import AF_INET6, HostState
 from .plan import AddAddress, Plan, Step
-from .ready import wait_until_ready
+from .progress import Progress
+from .ready import LIMIT, Readiness
 from .record import RecordError, Store, Transaction, current_boot_id, process_start
-from .report import Report
 from .rollback import already_so, restore
-from .snapshot import read_host, read_links
+from .snapshot import read_host
 from .verify import Probe, run_probes, wrong_way
 
 
@@ -74,8 +74,8 @@ class StepFailed(Exception):
 
 
 class Checkpoint:
-    def __init__(self, ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> None:
-        self.ipr, self.store, self.report, self.tx = ipr, store, report, tx
+    def __init__(self, ipr: IPRoute, store: Store, progress: Progress, tx: Transaction) -> None:
+        self.ipr, self.store, self.progress, self.tx = ipr, store, progress, tx
         self.done: tuple[Step, ...] = ()  # the steps the kernel acknowledged, in order
         self.outcome = ExitCode.INTERNAL  # until the transaction ends one way or the other
         self._guard = _Guard(armed=False)
@@ -88,13 +88,14 @@ class Checkpoint:
         cls,
         ipr: IPRoute,
         store: Store,
-        report: Report,
+        progress: Progress,
         tx_id: str,
         prepared: Prepared,
         deadline: Deadline,
     ) -> Iterator[Checkpoint]:
         """Arm, record, then run the body; on any exception or signal, roll back."""
-        cp = cls(ipr, store, report, _arm_and_record(tx_id, store, report, prepared, deadline))
+        cp = cls(ipr, store, progress, _arm_and_record(tx_id, store, progress, prepared, deadline))
+        progress.stage(StageName.RECORD, subject=cp.tx.dead_man or "")
         with signal_guard() as cp._guard:
             try:
                 cp.mark(Phase.APPLYING)
@@ -113,9 +114,9 @@ class Checkpoint:
         self._guard.armed = False
         boundary("committed")
         self.disarm()
-        settle(self.tx.plan, self.report)
+        settle(self.tx.plan, self.progress)
         result = "migrated" if self.tx.plan.direction == "takeover" else "migrated back"
-        self.report.finish(ExitCode.OK, result, what)
+        self.progress.finish(ExitCode.OK, result, what)
         self.outcome = ExitCode.OK
 
     def hold(self, seconds: float) -> None:
@@ -138,7 +139,7 @@ class Checkpoint:
         self._guard.armed = False
         if old is not None:
             deadman.disarm(old)
-        self.report.finish(
+        self.progress.finish(
             ExitCode.OK,
             "verified, waiting for confirmation",
             f"run `bridge-migrate confirm` within {seconds:g} s, or the host is rolled back",
@@ -155,32 +156,51 @@ class Checkpoint:
         self.done += _succeeded(steps, result)
         return result
 
+    def sent(self, name: StageName, steps: tuple[Step, ...], result: BatchResult) -> None:
+        """A stage that sent `steps` ended."""
+        self.progress.stage(
+            name,
+            acked=len(_succeeded(steps, result)),
+            total=len(steps),
+            kernel_ms=result.seconds * 1000,
+        )
+
     def take_over(self, p: Prepared, deadline: Deadline) -> None:
         """The plan's sends (for a takeover: create the bridge, copy the settings, make the
         additions), a wait until the kernel has the device that takes the addresses ready to
         send, the disruptive batch, and the check of the host against the plan."""
-        plan, report = p.plan, self.report
-        started = time.perf_counter()
-        _require(self.send((plan.prepare,), _resolver(self.ipr)))
-        boundary("bridge")
-        resolve = _resolver(self.ipr)
-        for steps in (plan.tune, plan.make):
-            made = self.send(steps, resolve)
-            if _failures(made):
-                report.phase("prepare", started, _acked(steps, made))
-                _require(made)
+        plan, progress = p.plan, self.progress
         added = [s.do for s in plan.steps if isinstance(s.do, AddAddress)]
         ipv6 = tuple(
             op.address.address
             for op in added
             if op.dev == plan.target and op.address.family == AF_INET6
         )
-        waited = wait_until_ready(self.ipr, plan.target, ipv6)
-        ready = f"ready after {waited * 1000:.2f} ms" if waited is not None else "NOT ready"
-        report.phase("prepare", started, f"{plan.prepare.do}; {_acked(plan.make, made)}; {ready}")
-        started = time.perf_counter()
-        result = self.send(plan.batch, resolve)  # no device was made since: no new dump
-        report.phase("batch", started, _acked(plan.batch, result))
+        # Listening before the bridge is made: every event on the way to ready is seen.
+        with Readiness(plan.target, ipv6) as readiness:
+            resolve = _Indices(self.ipr, p.snapshot)
+            made = self.send((plan.prepare,), resolve)
+            _require(made)
+            boundary("bridge")
+            sent: tuple[Step, ...] = (plan.prepare,)
+            for steps in (plan.tune, plan.make):
+                made = _joined(made, self.send(steps, resolve))
+                sent += steps
+                if _failures(made):
+                    self.sent(StageName.PREPARE, sent, made)
+                    _require(made)
+            waited = readiness.wait()
+        progress.stage(
+            StageName.PREPARE,
+            subject=str(plan.prepare.do),
+            acked=len(_succeeded(sent, made)),
+            total=len(sent),
+            kernel_ms=made.seconds * 1000,
+            ready_ms=None if waited is None else waited * 1000,
+            problems=() if waited is not None else (f"not ready within {LIMIT:g} s",),
+        )
+        result = self.send(plan.batch, resolve)
+        self.sent(StageName.BATCH, plan.batch, result)
         boundary("batch")
         _require(result)
         self.check(p)
@@ -190,17 +210,12 @@ class Checkpoint:
     def hand_over(self, steps: tuple[Step, ...], resolve: Resolve, deadline: Deadline) -> None:
         """The managers' files rewritten, then each manager adopts the bridge (within the
         deadline the probes share)."""
-        started = time.perf_counter()
-        outcomes: list[Outcome] = []
-        seconds = 0.0
+        result = BatchResult((), 0.0)
         for step in steps:  # one by one: no manager adopts files that could not be written
-            sent = self.send((step,), resolve, deadline.monotonic)
-            outcomes += sent.outcomes
-            seconds += sent.seconds
-            if _failures(sent):
+            result = _joined(result, self.send((step,), resolve, deadline.monotonic))
+            if _failures(result):
                 break
-        result = BatchResult(tuple(outcomes), seconds)
-        self.report.phase("handover", started, _acked(steps, result))
+        self.sent(StageName.HANDOVER, steps[: len(result.outcomes)], result)
         boundary("handover")
         if _failures(result):
             # A manager that failed to adopt may have taken part of the new state: every
@@ -209,27 +224,27 @@ class Checkpoint:
         _require(result)
 
     def check(self, p: Prepared) -> None:
-        started = time.perf_counter()
         plan = p.plan
         diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
         diff += wrong_way(self.ipr, p.snapshot, plan.source, plan.target)
-        self.report.phase("check", started, "; ".join(diff) or "host matches the plan")
+        self.progress.stage(StageName.CHECK, problems=diff)
         if diff:
             raise StepFailed("host does not match the plan: " + "; ".join(diff))
         self.mark(Phase.VERIFYING)
         boundary("verifying")
 
     def verify(self, p: Prepared, deadline: Deadline, timeout: float) -> None:
-        started = time.perf_counter()
-        results = run_probes(p.probes, deadline.monotonic, self.report.ping)
+        results = run_probes(p.probes, deadline.monotonic, self.progress.ping)
         for r in results:
             answer = "answered" if r.ok else "no answer"
             ms = r.seconds * 1000
-            self.report.note(f"{r.probe}: {answer} after {r.attempts} attempt(s), {ms:.1f} ms")
-        missing = ", ".join(str(r.probe) for r in results if not r.ok)
-        summary = f"no answer from {missing}" if missing else "every probe answered"
-        self.report.phase("verify", started, summary)
-        if missing:
+            self.progress.note(f"{r.probe}: {answer} after {r.attempts} attempt(s), {ms:.1f} ms")
+        silent = tuple(str(r.probe) for r in results if not r.ok)
+        self.progress.stage(
+            StageName.VERIFY, acked=len(results) - len(silent), total=len(results), problems=silent
+        )
+        if silent:
+            missing = ", ".join(silent)
             self.done = self.tx.plan.steps
             raise StepFailed(f"not verified within {timeout:g} s: {missing}")
         boundary("verified")
@@ -240,25 +255,30 @@ class Checkpoint:
         """Undo `done`, compare with the snapshot, then record (as far as the record can take
         it: the host comes first) and report the outcome."""
         self.record_if_possible(Phase.ROLLING_BACK, why)
-        started = time.perf_counter()
         result = restore(self.ipr, self.tx.plan, self.tx.snapshot, done, self.age)
-        lines = [*(o.describe() for o in result.failures), *result.differences]
-        self.report.attach("differences", lines)
+        lines = (*(o.describe() for o in result.failures), *result.differences)
+        self.progress.attach("differences", lines)
         for line in lines:
-            self.report.note(line)
+            self.progress.note(line)
         batch = result.batch
-        undone = f"{len(batch.outcomes)} inverse operations in {batch.seconds * 1000:.2f} ms"
-        verdict = "host equals snapshot" if result.complete else f"{len(lines)} difference(s) left"
-        self.report.phase("rollback", started, f"{undone}; {verdict}")
+        self.progress.stage(
+            StageName.ROLLBACK,
+            acked=sum(o.ok for o in batch.outcomes),
+            total=len(batch.outcomes),
+            kernel_ms=batch.seconds * 1000,
+            problems=lines,
+        )
         if not result.complete:
             unrecorded = self.record_if_possible(Phase.ROLLBACK_INCOMPLETE, "; ".join(lines))
-            self.report.finish(
+            self.progress.finish(
                 ExitCode.ROLLBACK_INCOMPLETE, "rollback incomplete", why + unrecorded
             )
             return ExitCode.ROLLBACK_INCOMPLETE
         unrecorded = self.record_if_possible(Phase.ROLLED_BACK, why)
         self.disarm()
-        self.report.finish(code, "rolled back", f"{why}; host restored to its snapshot{unrecorded}")
+        self.progress.finish(
+            code, "rolled back", f"{why}; host restored to its snapshot{unrecorded}"
+        )
         return code
 
     # -- the record and the dead man ------------------------------------------------------
@@ -274,7 +294,7 @@ class Checkpoint:
         try:
             self.mark(phase, detail)
         except RecordError as e:
-            self.report.note(f"{phase} not recorded: {e.message}")
+            self.progress.note(f"{phase} not recorded: {e.message}")
             return f"; NOT recorded ({e.message}): `bridge-migrate status` shows an older phase"
         return ""
 
@@ -283,7 +303,7 @@ class Checkpoint:
             try:
                 deadman.disarm(self.tx.dead_man)
             except deadman.DeadManError as e:  # it will fire, find the transaction over, and stop
-                self.report.note(str(e))
+                self.progress.note(str(e))
 
     @property
     def age(self) -> float:
@@ -291,22 +311,22 @@ class Checkpoint:
         return time.time() - self.tx.started
 
 
-def settle(plan: Plan, report: Report) -> None:
+def settle(plan: Plan, progress: Progress) -> None:
     """Committed: the drop-ins that would restore the managers' files after a restart go. One
     left behind does no harm (it finds the transaction committed and does nothing)."""
     try:
         write_states(plan.settle)
     except (OSError, FileError) as e:
-        report.note(f"left in place (harmless once committed): {e}")
+        progress.note(f"left in place (harmless once committed): {e}")
 
 
-def resume(ipr: IPRoute, store: Store, report: Report, tx: Transaction) -> Checkpoint:
+def resume(ipr: IPRoute, store: Store, progress: Progress, tx: Transaction) -> Checkpoint:
     """A recorded transaction, to roll back from another process."""
-    return Checkpoint(ipr, store, report, tx)
+    return Checkpoint(ipr, store, progress, tx)
 
 
 def _arm_and_record(
-    tx_id: str, store: Store, report: Report, p: Prepared, deadline: Deadline
+    tx_id: str, store: Store, progress: Progress, p: Prepared, deadline: Deadline
 ) -> Transaction:
     """Arm the dead man, then write the record: if we die in between, it finds no transaction
     of its id and does nothing; if arming or recording fails, nothing has changed."""
@@ -318,9 +338,9 @@ def _arm_and_record(
             unit = deadman.arm(where, tx_id, "deadline", seconds, store.directory)
         except deadman.DeadManError as e:
             raise Refused(str(e)) from None
-        report.note(f"dead man armed: {unit}.timer rolls back unless the transaction ends")
+        progress.note(f"dead man armed: {unit}.timer rolls back unless the transaction ends")
     else:
-        report.note(f"no independent dead man ({where.why_not}): this process keeps the deadline")
+        progress.note(f"no independent dead man ({where.why_not}): this process keeps the deadline")
     now, pid = time.time(), os.getpid()
     tx = Transaction(
         id=tx_id,
@@ -365,17 +385,32 @@ def _failures(result: BatchResult) -> tuple[Outcome, ...]:
     return tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
 
 
-def _acked(steps: tuple[Step, ...], result: BatchResult) -> str:
-    done = len(_succeeded(steps, result))
-    return f"{done}/{len(steps)} acknowledged in {result.seconds * 1000:.2f} ms"
+def _joined(a: BatchResult, b: BatchResult) -> BatchResult:
+    return BatchResult(a.outcomes + b.outcomes, a.seconds + b.seconds)
 
 
 def _is_bug(e: Exception) -> bool:
     return not isinstance(e, StepFailed | Interrupted | OSError | RecordError)
 
 
-def _resolver(ipr: IPRoute) -> Resolve:
-    return {name: link.index for name, link in read_links(ipr).items()}.__getitem__
+class _Indices:
+    """Device indices by name for the sends: the snapshot's devices, and any other (the bridge
+    the plan made) asked for by name once, one request each: no dump of every link."""
+
+    def __init__(self, ipr: IPRoute, snapshot: HostState) -> None:
+        self.ipr = ipr
+        self.known = {
+            link.name: link.index for link in (snapshot.nic, snapshot.bridge) if link is not None
+        }
+
+    def __call__(self, name: str) -> int:
+        index = self.known.get(name)
+        if index is None:
+            found = self.ipr.link_lookup(ifname=name)
+            if not found:
+                raise KeyError(name)
+            index = self.known[name] = found[0]
+        return index
 
 
 @dataclass

@@ -32,8 +32,8 @@ from .events import printable
 from .guest import parse_guest
 from .plan import RewriteFirewall, WriteConfig
 from .preflight import check_name, check_timeout
+from .progress import Output, Progress
 from .record import Store, Transaction, check_id, current_boot_id
-from .report import Output, Report
 from .transaction import (
     ApplyRequest,
     apply,
@@ -181,18 +181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Absolute before anything uses it: the dead man and the apply unit run in /. Not
     # resolved: the store refuses a path through a symbolic link rather than follow it.
     args.state_dir = Path(os.path.abspath(args.state_dir))
-    report = Report(_output(args))
+    progress = Progress(_output(args))
     store = Store(args.state_dir)
     try:
         if args.command in ("apply", "undo") and detach.wanted():
             request = _request(args)  # bad input is refused here, before any unit starts
             return detach.run_as_unit(store, _unit_argv(args, request))
-        return int(_dispatch(args, store, report))
+        return int(_dispatch(args, store, progress))
     except Failure as e:
-        return _fail(report, e.code, e.message, e.hint)
+        return _fail(progress, e.code, e.message, e.hint)
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
-        return _fail(report, ExitCode.INTERNAL, f"internal error: {e!r}", "")
+        return _fail(progress, ExitCode.INTERNAL, f"internal error: {e!r}", "")
 
 
 def _output(args: argparse.Namespace) -> Output:
@@ -201,34 +201,34 @@ def _output(args: argparse.Namespace) -> Output:
     return Output.EVENTS if getattr(args, "events", False) else Output.TEXT
 
 
-def _dispatch(args: argparse.Namespace, store: Store, report: Report) -> ExitCode:
+def _dispatch(args: argparse.Namespace, store: Store, progress: Progress) -> ExitCode:
     match args.command:
         case "plan":
-            return _plan(_request(args), report)
+            return _plan(_request(args), progress)
         case "apply" | "boot":
-            return apply(_request(args), store, report, at_boot=args.command == "boot")
+            return apply(_request(args), store, progress, at_boot=args.command == "boot")
         case "undo":
-            return undo(_request(args), store, report)
+            return undo(_request(args), store, progress)
         case "confirm":
-            return confirm(store, report)
+            return confirm(store, progress)
         case "rollback":
-            return rollback(store, report)
+            return rollback(store, progress)
         case "expire":
             check_id(args.transaction)
-            return expire(store, report, args.transaction)
+            return expire(store, progress, args.transaction)
         case "recover":
-            return recover(store, report)
+            return recover(store, progress)
         case "attach":
             check_timeout("--timeout", args.timeout)
             spec = parse_spec(args.bridge, args.ifname, args.addresses, args.mtu, args.mac)
             request = AttachRequest(
                 parse_guest(args.guest), spec, args.timeout, args.force_prefix, args.replace
             )
-            return attach(request, store, report)
+            return attach(request, store, progress)
         case "detach":
             check_name("--ifname", args.ifname)
-            return detach_guest(parse_guest(args.guest), args.ifname, store, report)
-    return _status(store, report)
+            return detach_guest(parse_guest(args.guest), args.ifname, store, progress)
+    return _status(store, progress)
 
 
 def _request(args: argparse.Namespace) -> ApplyRequest:
@@ -299,11 +299,11 @@ def _unit_argv(args: argparse.Namespace, req: ApplyRequest) -> list[str]:
     return argv
 
 
-def _plan(req: ApplyRequest, report: Report) -> ExitCode:
+def _plan(req: ApplyRequest, progress: Progress) -> ExitCode:
     with IPRoute() as ipr:
-        prepared = read_plan(ipr, req, report)
+        prepared = read_plan(ipr, req, progress)
     if prepared is None:
-        report.finish(ExitCode.OK, "already migrated", "nothing to do")
+        progress.finish(ExitCode.OK, "already migrated", "nothing to do")
         return ExitCode.OK
     plan, state = prepared.plan, prepared.snapshot
     nic = plan.nic
@@ -315,7 +315,7 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
         ("nftables rule", state.firewall),
     ):
         for item in items:
-            report.note(f"read    {what} {item}")
+            progress.note(f"read    {what} {item}")
     steps = [
         ("prepare", plan.prepare),
         *((f"tune {i:>2}", s) for i, s in enumerate(plan.tune, 1)),
@@ -324,35 +324,35 @@ def _plan(req: ApplyRequest, report: Report) -> ExitCode:
         *((f"hand {i:>2}", s) for i, s in enumerate(plan.handover, 1)),
     ]
     for label, step in steps:
-        report.note(f"{label} {step.do!s:<60}  undo: {step.undo}")
+        progress.note(f"{label} {step.do!s:<60}  undo: {step.undo}")
         if isinstance(step.do, RewriteFirewall):
             for rewrite in step.do.change.rewrites:
-                report.note(f"        nftables {rewrite}")
+                progress.note(f"        nftables {rewrite}")
         if isinstance(step.do, WriteConfig):
             for change in step.do.files:
-                report.note(f"        {change}")
-    report.note("verify  " + ", ".join(str(p) for p in prepared.probes))
-    report.finish(ExitCode.OK, "plan", "nothing was changed")
+                progress.note(f"        {change}")
+    progress.note("verify  " + ", ".join(str(p) for p in prepared.probes))
+    progress.finish(ExitCode.OK, "plan", "nothing was changed")
     return ExitCode.OK
 
 
-def _status(store: Store, report: Report) -> ExitCode:
+def _status(store: Store, progress: Progress) -> ExitCode:
     tx = store.load()
     guests = guestbook.load(store)
-    report.attach("guests", guests)
+    progress.attach("guests", guests)
     for guest in guests:
-        report.note(f"attached: {guest}")
+        progress.note(f"attached: {guest}")
     if tx is None:
-        report.finish(ExitCode.OK, "no transaction", f"no record in {store.directory}")
+        progress.finish(ExitCode.OK, "no transaction", f"no record in {store.directory}")
         return ExitCode.OK
-    report.attach("transaction", tx)
+    progress.attach("transaction", tx)
     left = tx.deadline - time.time() if tx.phase.pending else None
-    report.attach("seconds_left", left)
+    progress.attach("seconds_left", left)
     summary = Summary(tx.id, tx.phase, tx.detail, left, tx.pid, tx.boot_id, current_boot_id())
-    report.attach("summary", summary.to_data())
+    progress.attach("summary", summary.to_data())
     for line in _describe(tx):
-        report.note(line)
-    report.finish(ExitCode.OK, str(tx.phase), tx.detail)
+        progress.note(line)
+    progress.finish(ExitCode.OK, str(tx.phase), tx.detail)
     return ExitCode.OK
 
 
@@ -372,16 +372,16 @@ def _describe(tx: Transaction) -> list[str]:
     return lines
 
 
-def _fail(report: Report, code: ExitCode, message: str, hint: str) -> int:
+def _fail(progress: Progress, code: ExitCode, message: str, hint: str) -> int:
     text = f"{message}. {hint}" if hint else message
     if code in (ExitCode.USAGE, ExitCode.REFUSED):
         text += ". Nothing was changed"
-    match report.output:
+    match progress.output:
         case Output.JSON | Output.EVENTS:
-            report.finish(code, "error", text)
+            progress.finish(code, "error", text)
         case Output.TEXT:
-            report.events.result(code, "error", text)
+            progress.events.result(code, "error", text)
             print(f"bridge-migrate: {printable(text)}", file=sys.stderr)
         case _:
-            assert_never(report.output)
+            assert_never(progress.output)
     return int(code)

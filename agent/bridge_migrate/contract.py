@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 DEFAULT_STATE_DIR = "/var/lib/bridge-migrate"  # survives a reboot: the boot unit reads it
@@ -45,6 +45,55 @@ class Phase(enum.StrEnum):
         return self not in (Phase.COMMITTED, Phase.ROLLED_BACK, Phase.INTERRUPTED)
 
 
+# -- stages: what a run did, measured; `Progress` renders them (text, JSON, events, journal) ----
+
+
+class StageName(enum.StrEnum):
+    SNAPSHOT = "snapshot"  # the host read (and who manages its NIC)
+    PLAN = "plan"  # the operations and their inverses decided; nothing changed
+    RECORD = "record"  # the dead man armed and the record written: still nothing changed
+    PREPARE = "prepare"  # the bridge made, its settings and the additions sent; ready to carry
+    BATCH = "batch"  # the disruptive batch (takeover: addresses and routes moved, NIC enslaved)
+    CHECK = "check"  # the host read back and compared with the plan
+    HANDOVER = "handover"  # the managers' files rewritten and the bridge adopted
+    VERIFY = "verify"  # the probes answered (or not) on the new path
+    ROLLBACK = "rollback"  # the inverses sent and the host compared with its snapshot
+    ATTACH = "attach"  # a guest's veth made and plugged into the bridge
+    DETACH = "detach"  # a guest's veth removed
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run as the engine measured it. The stages of a run follow each other
+    without gaps: their times add up to the run's."""
+
+    name: StageName
+    ms: float  # since the previous stage ended (the first: since the run started)
+    acked: int | None = None  # operations the kernel acknowledged (or found done) ...
+    total: int | None = None  # ... of this many sent
+    kernel_ms: float | None = None  # the sends alone
+    ready_ms: float | None = None  # prepare: until the bridge could carry traffic
+    counts: tuple[tuple[str, int], ...] = ()  # what was read or planned, by kind
+    problems: tuple[str, ...] = ()  # what was wrong: differences left, probes unanswered
+    subject: str = ""  # what the stage worked on: a device, a guest, the bridge's creation
+
+    def to_data(self) -> dict[str, Any]:
+        return {**asdict(self), "counts": dict(self.counts)}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Stage:
+        """From `to_data`'s output (the JSON document's "phases"; other keys are ignored)."""
+        known = {f.name: data[f.name] for f in fields(cls)}
+        return cls(
+            **{
+                **known,
+                "name": StageName(data["name"]),
+                "counts": tuple(data["counts"].items()),
+                "problems": tuple(data["problems"]),
+            }
+        )
+
+
 # -- events: the journal fields of the agent's records, and `apply --events` JSON lines ---------
 
 
@@ -57,6 +106,8 @@ class Field(enum.StrEnum):
     PHASE = "BRIDGE_MIGRATE_PHASE"  # a step's name, or RESULT_PHASE for the final record
     DURATION_MS = "BRIDGE_MIGRATE_DURATION_MS"
     DETAIL = "BRIDGE_MIGRATE_DETAIL"
+    ACKED = "BRIDGE_MIGRATE_ACKED"  # steps: operations the kernel acknowledged ...
+    TOTAL = "BRIDGE_MIGRATE_TOTAL"  # ... of this many
     RESULT = "BRIDGE_MIGRATE_RESULT"
     EXIT_CODE = "BRIDGE_MIGRATE_EXIT_CODE"
 
@@ -81,6 +132,8 @@ class Event:
     bridge: str | None = None
     ms: float | None = None  # steps: how long it took
     exit_code: ExitCode | None = None  # results
+    acked: int | None = None  # steps that send operations: how many the kernel acknowledged
+    total: int | None = None  # ... of how many
 
     def journal_fields(self) -> dict[str, str]:
         """The fields of this event's journal record (MESSAGE is the caller's)."""
@@ -93,6 +146,8 @@ class Event:
             Field.DETAIL: self.detail,
             Field.RESULT: self.name if self.kind is EventKind.RESULT else None,
             Field.EXIT_CODE: None if self.exit_code is None else str(int(self.exit_code)),
+            Field.ACKED: None if self.acked is None else str(self.acked),
+            Field.TOTAL: None if self.total is None else str(self.total),
         }
         return {str(k): v for k, v in values.items() if v is not None}
 
@@ -104,6 +159,7 @@ class Event:
             return None
         is_result = phase == RESULT_PHASE
         ms, code = entry.get(Field.DURATION_MS), entry.get(Field.EXIT_CODE)
+        acked, total = entry.get(Field.ACKED), entry.get(Field.TOTAL)
         return cls(
             kind=EventKind.RESULT if is_result else EventKind.STEP,
             name=str(entry.get(Field.RESULT, "")) if is_result else phase,
@@ -113,6 +169,8 @@ class Event:
             bridge=_text(entry.get(Field.BRIDGE)),
             ms=float(ms) if isinstance(ms, str) else None,
             exit_code=ExitCode(int(code)) if isinstance(code, str) else None,
+            acked=int(acked) if isinstance(acked, str) else None,
+            total=int(total) if isinstance(total, str) else None,
         )
 
     def to_json(self) -> str:

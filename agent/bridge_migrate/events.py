@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import replace
 
-from .contract import Event, EventKind, ExitCode
+from .contract import Event, EventKind, ExitCode, Stage
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # C0 and C1 control characters and DEL, shown as \xNN: a newline in a value must not become a
@@ -41,9 +41,16 @@ class Events:
             bridge=bridge or b.bridge,
         )
 
-    def phase(self, name: str, ms: float, detail: str, line: str) -> Event:
-        event = replace(self.bound, name=name, detail=detail, ms=ms)
-        self._notify(f"STATUS={name}: {detail}")
+    def stage(self, stage: Stage, detail: str, line: str) -> Event:
+        event = replace(
+            self.bound,
+            name=stage.name,
+            detail=detail,
+            ms=stage.ms,
+            acked=stage.acked,
+            total=stage.total,
+        )
+        self._notify(f"STATUS={stage.name}: {detail}")
         self._log(line, event, priority=6)
         self.ping()
         return event

@@ -4,48 +4,98 @@ Two things lag behind the ACKs (found with the kernel's drop-reason tracepoint, 
 docs/benchmarks.md): a new bridge sends into noop_qdisc, dropping every packet, until the
 link-watch work has seen its carrier and attached its real queue; and a moved IPv6 address is
 not usable until the address work has installed its local route, even with NODAD. Both run as
-soon as the batch lets go of the RTNL lock: the wait is well under a millisecond.
+soon as the batch lets go of the RTNL lock.
+
+Both are learnt from the kernel's own notifications (RTNLGRP_LINK and RTNLGRP_IPV6_ROUTE), on a
+socket subscribed before the bridge is made, so no event on the way is missed and nothing is
+polled. Should the socket overflow (ENOBUFS: events were lost), the state is asked for once.
 """
 
 from __future__ import annotations
 
+import errno
+import select
+import socket
 import time
+from types import TracebackType
+from typing import Any
 
 from pyroute2 import IPRoute
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+from pyroute2.netlink.rtnl import RTM_NEWLINK, RTM_NEWROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from .model import AF_INET6, RT_TABLE_LOCAL
 
 LIMIT = 1.5  # seconds; past this the agent goes on and lets verification judge
-_POLL = 0.0002
+_BUFFER = 1 << 20  # a bridge's worth of events: hundreds of addresses' local routes
 
 
-def wait_until_ready(ipr: IPRoute, bridge: str, ipv6: tuple[str, ...]) -> float | None:
-    """Seconds until `bridge` is operationally up and each of `ipv6` is usable on it; None if
-    that did not happen within LIMIT."""
-    started = time.monotonic()
-    retrying = Retrying(
-        stop=stop_after_delay(LIMIT),
-        wait=wait_fixed(_POLL),
-        retry=retry_if_result(lambda ready: not ready),
-        retry_error_callback=lambda _state: False,
-    )
-    ready = retrying(lambda: _is_up(ipr, bridge) and _usable(ipr, bridge, ipv6))
-    return time.monotonic() - started if ready else None
+class Readiness:
+    """Subscribed on entry; `wait` returns once `bridge` is operationally up and each of
+    `ipv6` has its local route on it."""
 
+    def __init__(self, bridge: str, ipv6: tuple[str, ...]) -> None:
+        self.bridge, self.ipv6 = bridge, frozenset(ipv6)
+        self.index: int | None = None
+        self.up = False
+        self.local: set[tuple[str, int]] = set()  # (address, device index) with a local route
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+        )
+        self.marshal = MarshalRtnl()
 
-def _is_up(ipr: IPRoute, bridge: str) -> bool:
-    links = ipr.get_links(ifname=bridge)
-    return bool(links) and links[0].get("IFLA_OPERSTATE") == "UP"
+    def __enter__(self) -> Readiness:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
+        self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV6_ROUTE))
+        return self
 
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.sock.close()
 
-def _usable(ipr: IPRoute, bridge: str, ipv6: tuple[str, ...]) -> bool:
-    if not ipv6:
-        return True
-    (index,) = ipr.link_lookup(ifname=bridge)
-    local = {
-        m.get("RTA_DST")
-        for m in ipr.get_routes(family=AF_INET6, table=RT_TABLE_LOCAL)
-        if m.get("RTA_OIF") == index
-    }
-    return all(a in local for a in ipv6)
+    @property
+    def ready(self) -> bool:
+        return self.up and all((a, self.index) in self.local for a in self.ipv6)
+
+    def wait(self) -> float | None:
+        """Seconds waited; None if the bridge was not ready within LIMIT."""
+        started = time.monotonic()
+        end = started + LIMIT
+        while not self.ready:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return None
+            try:
+                data = self.sock.recv(_BUFFER)
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                self._ask()
+                continue
+            for msg in self.marshal.parse(data):
+                self._learn(msg)
+        return time.monotonic() - started
+
+    def _learn(self, msg: Any) -> None:
+        kind = msg["header"]["type"]
+        if kind == RTM_NEWLINK and msg.get("IFLA_IFNAME") == self.bridge:
+            self.index = msg["index"]
+            self.up = msg.get("IFLA_OPERSTATE") == "UP"
+        elif (
+            kind == RTM_NEWROUTE
+            and msg["family"] == AF_INET6
+            and msg.get("RTA_TABLE") == RT_TABLE_LOCAL
+        ):
+            self.local.add((msg.get("RTA_DST"), msg.get("RTA_OIF")))
+
+    def _ask(self) -> None:
+        """Events were lost: read the state they would have told."""
+        with IPRoute() as ipr:
+            for link in ipr.get_links(ifname=self.bridge):
+                self._learn(link)
+            for route in ipr.get_routes(family=AF_INET6, table=RT_TABLE_LOCAL):
+                self._learn(route)

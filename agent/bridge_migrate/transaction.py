@@ -18,7 +18,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 
 from . import deadman, guestbook, handover
 from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, settle, signal_guard
-from .contract import ALREADY_MIGRATED, ExitCode, Phase
+from .contract import ALREADY_MIGRATED, ExitCode, Phase, StageName
 from .errors import Refused
 from .giveback import giveback_notes, giveback_refusals, plan_giveback, port_refusals
 from .handover.files import FileError, write_states
@@ -28,8 +28,8 @@ from .owner import describe as describe_ownership
 from .owner import refusals as unmanageable
 from .plan import Adopt, RestoreConfig, carried_counts, is_migrated, plan_takeover
 from .preflight import check_root, choose_nic, refusals
+from .progress import Progress
 from .record import Locked, RecordError, Store, Transaction
-from .report import Report
 from .simulate import simulate
 from .snapshot import read_bridge_side, read_host
 from .verify import Probe, gateway_probes
@@ -52,23 +52,23 @@ _EXPIRE_LOCK_WAIT = _ROLLBACK_GRACE + 5.0
 _EARLY = 0.5  # seconds: a dead man this much before its deadline was meant for an older one
 
 
-def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | None:
+def read_plan(ipr: IPRoute, req: ApplyRequest, progress: Progress) -> Prepared | None:
     """Snapshot and plan; None when the host is already migrated. Raises Refused."""
-    started = time.perf_counter()
     nic = choose_nic(ipr, req.nic, req.bridge)
-    report.bind(nic=nic, bridge=req.bridge)
+    progress.bind(nic=nic, bridge=req.bridge)
     asked = ask_owners(nic)
     reading = _read_managers(ipr, asked.owners, nic, req.bridge)
     state = read_host(ipr, nic, req.bridge)
-    report.attach("snapshot", state)
-    report.phase("snapshot", started, _summary(state))
+    progress.attach("snapshot", state)
+    progress.stage(
+        StageName.SNAPSHOT, subject=state.nic.name, counts=tuple(carried_counts(state).items())
+    )
     if is_migrated(state, req.bridge):
         return None
-    started = time.perf_counter()
     owned = ownership(asked, state)
-    report.attach("owner", owned)
+    progress.attach("owner", owned)
     for line in describe_ownership(owned):
-        report.note(line)
+        progress.note(line)
     problems = [
         *refusals(state, req.bridge),
         *unmanageable(owned, req.bridge, reading.unsupported),
@@ -78,26 +78,22 @@ def read_plan(ipr: IPRoute, req: ApplyRequest, report: Report) -> Prepared | Non
             if isinstance(why := handover.plan(v, state, req.bridge), str)
         ),
     ]
-    report.attach("carried", carried_counts(state))
+    progress.attach("carried", carried_counts(state))
     if problems:
-        report.attach("blockers", problems)
+        progress.attach("blockers", problems)
         raise Refused("; ".join(problems))
     plan = plan_takeover(state, req.bridge, reading.views)
     notes = _handover_notes(reading.views, state, req.bridge)
-    report.attach("handover_notes", notes)
+    progress.attach("handover_notes", notes)
     for line in notes:
-        report.note(f"handover {line}")
+        progress.note(f"handover {line}")
     probes = (*gateway_probes(state, nic, req.bridge), *req.probes)
     if not probes:
         raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
-    report.attach("plan", plan)
-    report.phase(
-        "plan",
-        started,
-        f"{len(plan.tune)} settings, {len(plan.make)} additions, "
-        f"then {len(plan.batch)} in one batch",
-    )
+    progress.attach("plan", plan)
     desired = simulate(state, [s.do for s in plan.steps])
+    counts = (("settings", len(plan.tune)), ("additions", len(plan.make)))
+    progress.stage(StageName.PLAN, counts=(*counts, ("in one batch", len(plan.batch))))
     return Prepared(state, plan, desired, probes)
 
 
@@ -117,38 +113,40 @@ def _read_managers(
         raise Refused(str(e)) from None
 
 
-def apply(req: ApplyRequest, store: Store, report: Report, *, at_boot: bool = False) -> ExitCode:
+def apply(
+    req: ApplyRequest, store: Store, progress: Progress, *, at_boot: bool = False
+) -> ExitCode:
     """Take the host over onto the bridge."""
-    return _transact(req, store, report, read_plan, at_boot=at_boot)
+    return _transact(req, store, progress, read_plan, at_boot=at_boot)
 
 
-def undo(req: ApplyRequest, store: Store, report: Report) -> ExitCode:
+def undo(req: ApplyRequest, store: Store, progress: Progress) -> ExitCode:
     """Move the host back from the bridge onto its one port, planned from the live host."""
     check_root()
     guests = guestbook.on_bridge(store, req.bridge)  # refused by name while attached
     read = functools.partial(read_giveback, guests=guests)
-    return _transact(req, store, report, read, at_boot=False)
+    return _transact(req, store, progress, read, at_boot=False)
 
 
-Reader = Callable[[IPRoute, ApplyRequest, Report], Prepared | None]
+Reader = Callable[[IPRoute, ApplyRequest, Progress], Prepared | None]
 
 
 def _transact(
-    req: ApplyRequest, store: Store, report: Report, read: Reader, *, at_boot: bool
+    req: ApplyRequest, store: Store, progress: Progress, read: Reader, *, at_boot: bool
 ) -> ExitCode:
     check_root()
     tx_id = uuid.uuid4().hex[:12]
-    report.bind(transaction=tx_id)
+    progress.bind(transaction=tx_id)
     with store.lock():
-        _check_previous(store, report, at_boot)
+        _check_previous(store, progress, at_boot)
         with IPRoute() as ipr:
-            prepared = read(ipr, req, report)
+            prepared = read(ipr, req, progress)
             if prepared is None:
-                report.finish(ExitCode.OK, ALREADY_MIGRATED, "nothing to do")
+                progress.finish(ExitCode.OK, ALREADY_MIGRATED, "nothing to do")
                 return ExitCode.OK
             plan = prepared.plan
             deadline = Deadline.after(req.timeout)
-            with Checkpoint.open(ipr, store, report, tx_id, prepared, deadline) as cp:
+            with Checkpoint.open(ipr, store, progress, tx_id, prepared, deadline) as cp:
                 cp.take_over(prepared, deadline)
                 cp.verify(prepared, deadline, req.timeout)
                 if req.confirm_within is None:
@@ -156,16 +154,15 @@ def _transact(
                 else:
                     cp.hold(req.confirm_within)
     if cp.outcome == ExitCode.OK and cp.tx.phase is Phase.CONFIRMING and cp.tx.dead_man is None:
-        return _be_the_dead_man(store, report, cp.tx)
+        return _be_the_dead_man(store, progress, cp.tx)
     return cp.outcome
 
 
 def read_giveback(
-    ipr: IPRoute, req: ApplyRequest, report: Report, guests: Mapping[str, str] | None = None
+    ipr: IPRoute, req: ApplyRequest, progress: Progress, guests: Mapping[str, str] | None = None
 ) -> Prepared | None:
     """Snapshot and plan the way back; None when there is no bridge to leave. Raises Refused.
     `guests`: the bridge's ports `attach` made, named in the refusal."""
-    started = time.perf_counter()
     side = read_bridge_side(ipr, req.bridge, req.detach)
     if side.device is None:
         return None
@@ -173,26 +170,29 @@ def read_giveback(
     nic = side.kept_port(req.detach)
     if problems or nic is None:
         raise Refused("; ".join(problems))
-    report.bind(nic=nic.name, bridge=req.bridge)
+    progress.bind(nic=nic.name, bridge=req.bridge)
     state = read_host(ipr, nic.name, req.bridge)
-    report.attach("snapshot", state)
-    report.phase("snapshot", started, f"{req.bridge} -> {nic.name}")
-    started = time.perf_counter()
+    progress.attach("snapshot", state)
+    progress.stage(
+        StageName.SNAPSHOT, subject=req.bridge, counts=tuple(carried_counts(state).items())
+    )
     problems = giveback_refusals(state, side, req.detach)
     if problems:
         raise Refused("; ".join(problems))
     for note in giveback_notes(state):
-        report.note(note)
+        progress.note(note)
     plan = plan_giveback(state, req.bridge, req.detach)
     probes = (*gateway_probes(state, req.bridge, nic.name), *req.probes)
     if not probes:
         raise Refused(f"nothing to verify: {req.bridge} has no default route via a gateway")
-    report.attach("plan", plan)
-    report.phase("plan", started, f"{len(plan.steps)} operations, {len(plan.batch)} in one batch")
-    return Prepared(state, plan, simulate(state, [s.do for s in plan.steps]), probes)
+    progress.attach("plan", plan)
+    desired = simulate(state, [s.do for s in plan.steps])
+    counts = (("operations", len(plan.steps)), ("in one batch", len(plan.batch)))
+    progress.stage(StageName.PLAN, counts=counts)
+    return Prepared(state, plan, desired, probes)
 
 
-def rollback(store: Store, report: Report) -> ExitCode:
+def rollback(store: Store, progress: Progress) -> ExitCode:
     """Restore the snapshot in the record, whatever phase the transaction reached."""
     check_root()
     with store.lock():
@@ -200,33 +200,33 @@ def rollback(store: Store, report: Report) -> ExitCode:
         if tx is None:
             raise Refused(f"nothing to roll back: no transaction record in {store.directory}")
         if tx.phase in (Phase.ROLLED_BACK, Phase.INTERRUPTED):
-            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx.id} is {tx.phase}")
+            progress.finish(ExitCode.OK, "nothing to do", f"transaction {tx.id} is {tx.phase}")
             return ExitCode.OK
-        return _roll_back_recorded(store, report, tx, "rollback requested", ExitCode.OK)
+        return _roll_back_recorded(store, progress, tx, "rollback requested", ExitCode.OK)
 
 
-def expire(store: Store, report: Report, tx_id: str) -> ExitCode:
+def expire(store: Store, progress: Progress, tx_id: str) -> ExitCode:
     """What the dead man runs: roll transaction `tx_id` back if it is still pending."""
     check_root()
     with _lock_for_dead_man(store, tx_id):
         tx = store.load()
         if tx is None or tx.id != tx_id:
-            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is not recorded")
+            progress.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is not recorded")
             return ExitCode.OK
         if not tx.phase.pending:
-            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is {tx.phase}")
+            progress.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is {tx.phase}")
             return ExitCode.OK
         if time.time() < tx.deadline - _EARLY:
             # The timer of a deadline that has moved on (the verification's, once a
             # confirmation window took over): the window's own dead man keeps the new one.
-            report.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is within its time")
+            progress.finish(ExitCode.OK, "nothing to do", f"transaction {tx_id} is within its time")
             return ExitCode.OK
-        report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
+        progress.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
         why = f"deadline passed while {tx.phase}"
-        return _roll_back_recorded(store, report, tx, why, ExitCode.ROLLED_BACK)
+        return _roll_back_recorded(store, progress, tx, why, ExitCode.ROLLED_BACK)
 
 
-def confirm(store: Store, report: Report) -> ExitCode:
+def confirm(store: Store, progress: Progress) -> ExitCode:
     """Commit a transaction that waits for confirmation (apply --confirm-within)."""
     check_root()
     with store.lock():
@@ -251,18 +251,18 @@ def confirm(store: Store, report: Report) -> ExitCode:
             ) from None
         if tx.dead_man:
             deadman.disarm(tx.dead_man)
-        settle(tx.plan, report)
-    report.finish(ExitCode.OK, "committed", f"transaction {tx.id} confirmed")
+        settle(tx.plan, progress)
+    progress.finish(ExitCode.OK, "committed", f"transaction {tx.id} confirmed")
     return ExitCode.OK
 
 
 def _roll_back_recorded(
-    store: Store, report: Report, tx: Transaction, why: str, code: ExitCode
+    store: Store, progress: Progress, tx: Transaction, why: str, code: ExitCode
 ) -> ExitCode:
     with IPRoute() as ipr, signal_guard(armed=False):
         # Where the agent stopped is unknown: undo every step (each inverse tolerates
         # finding its work already done).
-        return resume(ipr, store, report, tx).roll_back(tx.plan.steps, why, code)
+        return resume(ipr, store, progress, tx).roll_back(tx.plan.steps, why, code)
 
 
 @contextmanager
@@ -304,10 +304,10 @@ def _kill_hung_agent(store: Store, tx_id: str) -> None:
         os.close(pidfd)
 
 
-def _be_the_dead_man(store: Store, report: Report, tx: Transaction) -> ExitCode:
+def _be_the_dead_man(store: Store, progress: Progress, tx: Transaction) -> ExitCode:
     """No systemd: this process waits out the confirmation window, then expires the
     transaction unless `bridge-migrate confirm` committed it. A signal ends the wait early."""
-    report.note("no systemd: this process is the dead man; keep it running")
+    progress.note("no systemd: this process is the dead man; keep it running")
     with signal_guard() as guard:
         try:
             while time.time() < tx.deadline:
@@ -321,7 +321,9 @@ def _be_the_dead_man(store: Store, report: Report, tx: Transaction) -> ExitCode:
         if _ended(store, tx):
             return ExitCode.OK
         # From what this process holds: the record may have become unreadable meanwhile.
-        return _roll_back_recorded(store, report, tx, "not confirmed in time", ExitCode.ROLLED_BACK)
+        return _roll_back_recorded(
+            store, progress, tx, "not confirmed in time", ExitCode.ROLLED_BACK
+        )
 
 
 def _ended(store: Store, tx: Transaction) -> bool:
@@ -334,7 +336,7 @@ def _ended(store: Store, tx: Transaction) -> bool:
     return current is not None and (current.id != tx.id or current.phase is not Phase.CONFIRMING)
 
 
-def recover(store: Store, report: Report) -> ExitCode:
+def recover(store: Store, progress: Progress) -> ExitCode:
     """What a network manager's unit runs first while a transaction is pending (a drop-in the
     hand-over wrote): after a restart in the middle of it, the manager's files go back before
     the manager reads them, and the transaction is recorded as interrupted."""
@@ -342,11 +344,11 @@ def recover(store: Store, report: Report) -> ExitCode:
     with store.lock():
         tx = store.load()
         if tx is None or not (tx.phase.pending and tx.from_another_boot):
-            report.finish(ExitCode.OK, "nothing to do", "no transaction cut short by a restart")
+            progress.finish(ExitCode.OK, "nothing to do", "no transaction cut short by a restart")
             return ExitCode.OK
-        report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
+        progress.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
         _interrupted(store, tx)
-    report.finish(
+    progress.finish(
         ExitCode.OK,
         "recovered",
         f"transaction {tx.id} was cut short by a restart; the managers' files are as before it",
@@ -369,14 +371,14 @@ def _interrupted(store: Store, tx: Transaction) -> Transaction:
     return tx
 
 
-def _check_previous(store: Store, report: Report, at_boot: bool) -> None:
+def _check_previous(store: Store, progress: Progress, at_boot: bool) -> None:
     """Refuse while a transaction is pending; after a restart in the middle of one, say so."""
     tx = store.load()
     if tx is None:
         return
     if tx.phase.pending and tx.from_another_boot:
         tx = _interrupted(store, tx)
-        report.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
+        progress.bind(transaction=tx.id, nic=tx.plan.nic, bridge=tx.plan.bridge)
         raise Refused(
             f"the machine restarted during transaction {tx.id} ({tx.detail}); "
             f"the host is on its NIC configuration",
@@ -396,9 +398,3 @@ def _refuse_pending(tx: Transaction | None) -> None:
             f"transaction {tx.id} ({tx.plan.nic} -> {tx.plan.bridge}) is {tx.phase}",
             "see `bridge-migrate status`; `bridge-migrate rollback` restores its snapshot",
         )
-
-
-def _summary(state: HostState) -> str:
-    nic = state.nic
-    counts = ", ".join(f"{n} {kind}" for kind, n in carried_counts(state).items() if n)
-    return f"{nic.name} {nic.mac} mtu {nic.mtu}: carries {counts or 'nothing'}"

@@ -122,9 +122,12 @@ IPv4 gateway, an ICMPv6 echo from the moved address): "start → gateway verifie
 first read of the host to both answers.
 
 - **agent**: `python -m bridge_migrate --state-dir DIR apply --json` in the host namespace.
-  "changes" is its batch ("N/N acknowledged in X ms"); start → verified is the sum of its
-  phases up to `verify`; rollback: its `rollback` phase ("K inverse operations in X ms" is the
-  netlink part, the phase the total, which includes reading the host back and comparing).
+  "changes" is its `batch` stage (`kernel_ms`, `total` operations); start → verified is the sum
+  of its stages up to `verify`, which follow each other without gaps from the agent's start
+  (after its imports and argument parsing: the lock, the record of the last run, who manages the
+  NIC, arming the dead man and writing the record all count); rollback: its `rollback` stage
+  (`kernel_ms` is the netlink part, `ms` the total, which includes reading the host back and
+  comparing).
 - **recipe**: `python -m bridge_migrate_testlab.stepwise recipe`: the classic recipe as separate
   `ip` processes, one after the other. It moves the host's whole identity, not only the primary
   address, so that the three probe streams mean the same for every contender: the secondary IPv4

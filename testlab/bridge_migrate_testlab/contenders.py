@@ -4,18 +4,16 @@ one's own report says about the takeover (or the rollback after a failed verific
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bridge_migrate.contract import Stage, StageName
 from bridge_migrate_testlab.lab import Lab
 
 RUN_TIMEOUT_S = 120.0  # bounds one contender run (1000 routes as separate `ip` processes: ~10 s)
-_ACKED = re.compile(r"(\d+)/(\d+) acknowledged in ([\d.]+) ms")
-_INVERSE = re.compile(r"(\d+) inverse operations in ([\d.]+) ms")
 
 
 @dataclass(frozen=True)
@@ -95,23 +93,22 @@ def _json_doc(text: str) -> dict[str, Any] | None:
 
 
 def _parse_agent(doc: dict[str, Any], started: float, wall: float) -> Attempt:
-    phases = {p["name"]: p for p in doc.get("phases", [])}
-    names = [p["name"] for p in doc.get("phases", [])]
-    verified = doc.get("exit_code") == 0 and "verify" in phases
-    # Everything up to "gateway verified": snapshot, plan, bridge, batch, check, verify.
-    upto = names[: names.index("verify") + 1] if "verify" in names else []
-    acked = _ACKED.search(phases.get("batch", {}).get("detail", ""))
-    rollback = phases.get("rollback")
-    inverse = _INVERSE.search(rollback["detail"]) if rollback else None
+    stages = {s.name: s for s in map(Stage.from_data, doc.get("phases", []))}
+    names = list(stages)
+    verified = doc.get("exit_code") == 0 and StageName.VERIFY in stages
+    # The stages follow each other without gaps: up to "gateway verified", they add up to the
+    # time from the agent's start (after its imports) to the gateway answering on the bridge.
+    upto = names[: names.index(StageName.VERIFY) + 1] if StageName.VERIFY in names else []
+    batch, rollback = stages.get(StageName.BATCH), stages.get(StageName.ROLLBACK)
     return Attempt(
         ok=verified or (rollback is not None and doc.get("result") == "rolled back"),
         started=started,
         wall_ms=wall,
-        verified_ms=sum(phases[n]["ms"] for n in upto) if verified else None,
-        change_ms=float(acked.group(3)) if acked else None,
-        ops=int(acked.group(2)) if acked else 0,
-        rollback_netlink_ms=float(inverse.group(2)) if inverse else None,
-        rollback_total_ms=float(rollback["ms"]) if rollback else None,
+        verified_ms=sum(stages[n].ms for n in upto) if verified else None,
+        change_ms=batch.kernel_ms if batch else None,
+        ops=batch.total or 0 if batch else 0,
+        rollback_netlink_ms=rollback.kernel_ms if rollback else None,
+        rollback_total_ms=rollback.ms if rollback else None,
         detail=f"{doc.get('result')}: {doc.get('message', '')}",
     )
 
