@@ -27,7 +27,7 @@ from bridge_migrate.plan import (
     is_migrated,
     plan_takeover,
 )
-from bridge_migrate.simulate import simulate
+from bridge_migrate.simulate import simulate, simulate_op
 from shapes import addr, as_restored, host_with, hosts, route
 
 LAB = host_with(
@@ -118,6 +118,23 @@ def test_plan_then_inverse_gives_back_the_snapshot(state: HostState) -> None:
     assert as_restored(simulate(after, [s.undo for s in reversed(plan.steps)])) == as_restored(
         state
     )
+
+
+@given(hosts(), st.data())
+@settings(max_examples=300, deadline=None)
+def test_route_runs_simulate_as_one_operation_at_a_time(
+    state: HostState, data: st.DataObject
+) -> None:
+    """`simulate` takes consecutive route operations together (linear time); it must give the
+    same state as one operation at a time, forwards and back, on any prefix."""
+    plan = plan_takeover(state, "br0")
+    done = plan.steps[: data.draw(st.integers(0, len(plan.steps)))]
+    ops = [s.do for s in done]
+    ops += [s.undo for s in reversed(done)][: data.draw(st.integers(0, len(done)))]
+    one_by_one = state
+    for op in ops:
+        one_by_one = simulate_op(one_by_one, op)
+    assert simulate(state, ops) == one_by_one
 
 
 @given(hosts(), st.data())

@@ -165,7 +165,7 @@ class Store:
         """Write the whole record of a new transaction (replacing the last one), before the
         first change: if it cannot be written in full, nothing has changed yet."""
         slots = [_encode_slot(_status_of(tx, 0)), *([_EMPTY_SLOT] * (SLOTS - 1))]
-        header = json.dumps(serde.to_data(tx), indent=1).encode()
+        header = json.dumps(serde.to_data(tx), separators=(",", ":")).encode()
         data = b"".join([_preamble(), *slots, header])
         dirfd = self._open_directory(create=True)
         assert dirfd is not None  # created if missing

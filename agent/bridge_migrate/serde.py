@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from typing import Any, TypeVar
@@ -16,14 +17,28 @@ TAG = "@type"  # cannot collide with a field name
 
 
 def to_data(obj: object) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return {TAG: type(obj).__name__, **fields}
+    kind: Any = type(obj)
+    if kind in _PLAIN:  # most of a host's snapshot: the fast way out first
+        return obj
+    names = _field_names(kind)
+    if names is not None:
+        return {TAG: kind.__name__, **{n: to_data(getattr(obj, n)) for n in names}}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, tuple | list):
         return [to_data(v) for v in obj]
     return obj
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # exact types: enums are not plain
+
+
+@functools.cache
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """A dataclass's field names, once per class (dataclasses.fields is slow in a loop)."""
+    return (
+        tuple(f.name for f in dataclasses.fields(kind)) if dataclasses.is_dataclass(kind) else None
+    )
 
 
 def from_data(hint: Any, data: Any) -> Any:

@@ -64,9 +64,40 @@ class SimulationError(ValueError):
 
 
 def simulate(state: HostState, ops: tuple[Op, ...] | list[Op]) -> HostState:
+    run: list[RouteOp] = []  # consecutive route operations, simulated together
     for op in ops:
+        if isinstance(op, ReplaceRoute | AddRoute | DelRoute):
+            run.append(op)
+            continue
+        state = replace(state, routes=_route_run(state.routes, run)) if run else state
+        run = []
         state = simulate_op(state, op)
-    return state
+    return replace(state, routes=_route_run(state.routes, run)) if run else state
+
+
+RouteOp = ReplaceRoute | AddRoute | DelRoute
+
+
+def _route_run(routes: tuple[Route, ...], ops: list[RouteOp]) -> tuple[Route, ...]:
+    """Route operations one after the other, in time linear in routes + ops (a takeover moves
+    every route): by key in an ordered dict, which is what `simulate_op` does one at a time
+    as long as no two routes share a key. If two do, one at a time."""
+    by_key = {route_key(r): r for r in routes}
+    if len(by_key) != len(routes):
+        for op in ops:
+            routes = _route_op(routes, op)
+        return routes
+    for op in ops:
+        match op:
+            case ReplaceRoute(new=route) | AddRoute(route=route):
+                by_key[route_key(route)] = route
+            case DelRoute(route=route):
+                key = route_key(route)
+                if key in by_key and by_key[key].dev == route.dev:
+                    del by_key[key]
+            case _:
+                assert_never(op)
+    return tuple(by_key.values())
 
 
 def simulate_op(state: HostState, op: Op) -> HostState:
@@ -95,15 +126,8 @@ def simulate_op(state: HostState, op: Op) -> HostState:
                 raise SimulationError(f"no neighbour {op.neighbour}")
             rest = tuple(n for n in state.neighbours if not _same_neighbour(n, op.neighbour))
             return replace(state, neighbours=rest)
-        case ReplaceRoute():
-            return replace(state, routes=_replace_route(state.routes, op.new))
-        case AddRoute():
-            return replace(state, routes=_replace_route(state.routes, op.route))
-        case DelRoute():
-            # A route the kernel removed by itself counts as deleted (ESRCH is "already so").
-            key = route_key(op.route)
-            kept = (r for r in state.routes if not (route_key(r) == key and r.dev == op.route.dev))
-            return replace(state, routes=tuple(kept))
+        case ReplaceRoute() | AddRoute() | DelRoute():
+            return replace(state, routes=_route_op(state.routes, op))
         case AddRule():
             if op.rule in state.rules:
                 raise SimulationError(f"{op.rule} exists")
@@ -147,6 +171,18 @@ def _set_sysctl(sysctls: tuple[Sysctl, ...], new: Sysctl) -> tuple[Sysctl, ...]:
 def route_key(r: Route) -> tuple[object, ...]:
     """What the kernel matches on when a route is replaced or deleted."""
     return (r.family, r.table, r.dst, r.dst_len, r.src, r.src_len, r.priority, r.tos)
+
+
+def _route_op(routes: tuple[Route, ...], op: RouteOp) -> tuple[Route, ...]:
+    match op:
+        case ReplaceRoute(new=route) | AddRoute(route=route):
+            return _replace_route(routes, route)
+        case DelRoute(route=route):
+            # A route the kernel removed by itself counts as deleted (ESRCH is "already so").
+            key = route_key(route)
+            return tuple(r for r in routes if not (route_key(r) == key and r.dev == route.dev))
+        case _:
+            assert_never(op)
 
 
 def _replace_route(routes: tuple[Route, ...], new: Route) -> tuple[Route, ...]:
