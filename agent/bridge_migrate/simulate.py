@@ -79,25 +79,37 @@ RouteOp = ReplaceRoute | AddRoute | DelRoute
 
 
 def _route_run(routes: tuple[Route, ...], ops: list[RouteOp]) -> tuple[Route, ...]:
-    """Route operations one after the other, in time linear in routes + ops (a takeover moves
-    every route): by key in an ordered dict, which is what `simulate_op` does one at a time
-    as long as no two routes share a key. If two do, one at a time."""
-    by_key = {route_key(r): r for r in routes}
-    if len(by_key) != len(routes):
-        for op in ops:
-            routes = _route_op(routes, op)
-        return routes
+    """Route operations one after the other, as `_route_op` does them, in time linear in
+    routes + ops (a takeover moves every route): the routes by position, the positions by key."""
+    slots: list[Route | None] = list(routes)
+    at: dict[tuple[object, ...], list[int]] = {}
+    for i, r in enumerate(routes):
+        at.setdefault(route_key(r), []).append(i)
     for op in ops:
         match op:
             case ReplaceRoute(new=route) | AddRoute(route=route):
-                by_key[route_key(route)] = route
+                key = route_key(route)
+                if key not in at:
+                    at[key] = [len(slots)]
+                    slots.append(route)
+                for i in at[key]:
+                    slots[i] = route
             case DelRoute(route=route):
                 key = route_key(route)
-                if key in by_key and by_key[key].dev == route.dev:
-                    del by_key[key]
+                kept = [i for i in at.get(key, ()) if _dev(slots[i]) != route.dev]
+                for i in set(at.get(key, ())) - set(kept):
+                    slots[i] = None
+                if kept:
+                    at[key] = kept
+                else:
+                    at.pop(key, None)
             case _:
                 assert_never(op)
-    return tuple(by_key.values())
+    return tuple(r for r in slots if r is not None)
+
+
+def _dev(route: Route | None) -> str | None:
+    return route.dev if route is not None else None
 
 
 def simulate_op(state: HostState, op: Op) -> HostState:
