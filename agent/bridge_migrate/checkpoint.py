@@ -35,7 +35,7 @@ from .ready import LIMIT, Readiness
 from .record import RecordError, Store, Transaction, current_boot_id, process_start
 from .rollback import already_so, restore
 from .snapshot import read_host
-from .verify import Probe, run_probes, wrong_way
+from .verify import Probe, ProbeResult, probing, run_probes, wrong_way
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,11 @@ class Deadline:
 
     monotonic: float
     wall: float
+    seconds: float  # from when it was set
 
     @classmethod
     def after(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic() + seconds, time.time() + seconds)
+        return cls(time.monotonic() + seconds, time.time() + seconds, seconds)
 
     @property
     def left(self) -> float:
@@ -168,7 +169,8 @@ class Checkpoint:
     def take_over(self, p: Prepared, deadline: Deadline) -> None:
         """The plan's sends (for a takeover: create the bridge, copy the settings, make the
         additions), a wait until the kernel has the device that takes the addresses ready to
-        send, the disruptive batch, and the check of the host against the plan."""
+        send, the disruptive batch, the check of the host against the plan, the hand-over to
+        the managers, and the probes."""
         plan, progress = p.plan, self.progress
         added = [s.do for s in plan.steps if isinstance(s.do, AddAddress)]
         ipv6 = tuple(
@@ -203,9 +205,15 @@ class Checkpoint:
         self.sent(StageName.BATCH, plan.batch, result)
         boundary("batch")
         _require(result)
-        self.check(p)
-        if plan.handover:
+        if plan.handover:  # the managers change the host again: the probes test what they leave
+            self.check(p)
             self.hand_over(plan.handover, resolve, deadline)
+            self.verify(run_probes(p.probes, deadline.monotonic, progress.ping), deadline)
+            return
+        # The probes ask the LAN, the check reads the kernel: both at once.
+        with probing(p.probes, deadline.monotonic, progress.ping) as results:
+            self.check(p)
+            self.verify(results(), deadline)
 
     def hand_over(self, steps: tuple[Step, ...], resolve: Resolve, deadline: Deadline) -> None:
         """The managers' files rewritten, then each manager adopts the bridge (within the
@@ -233,8 +241,7 @@ class Checkpoint:
         self.mark(Phase.VERIFYING)
         boundary("verifying")
 
-    def verify(self, p: Prepared, deadline: Deadline, timeout: float) -> None:
-        results = run_probes(p.probes, deadline.monotonic, self.progress.ping)
+    def verify(self, results: tuple[ProbeResult, ...], deadline: Deadline) -> None:
         for r in results:
             answer = "answered" if r.ok else "no answer"
             ms = r.seconds * 1000
@@ -246,7 +253,7 @@ class Checkpoint:
         if silent:
             missing = ", ".join(silent)
             self.done = self.tx.plan.steps
-            raise StepFailed(f"not verified within {timeout:g} s: {missing}")
+            raise StepFailed(f"not verified within {deadline.seconds:g} s: {missing}")
         boundary("verified")
 
     # -- the way back ---------------------------------------------------------------------

@@ -328,7 +328,8 @@ def _source(state: HostState, route: Route) -> str | None:
 
 
 def _arp_ask(bridge: str, source: str, gateway: str) -> _Ask:
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ARP))
+    # As the agent asks (verify._ArpAsker): protocol 0 until bound, no RCU grace period.
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     sock.bind((bridge, _ETH_P_ARP))
     mac = sock.getsockname()[4]
     spa, tpa = socket.inet_aton(source), socket.inet_aton(gateway)
