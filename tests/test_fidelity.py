@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 from pyroute2 import IPRoute
 
+from bridge_migrate.snapshot import read_host
+from bridge_migrate.verify import wrong_way
 from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import HostView, assert_unchanged, read_view
@@ -282,3 +284,14 @@ def test_firewall_rule_that_cannot_be_rewritten_is_refused(lab: Lab, agent: Agen
     assert run.code == 3, run.stdout + run.stderr
     assert "ifs" in run.stderr and "Nothing was changed" in run.stderr
     assert_unchanged(before, read_view(lab.host_ns))
+
+
+def test_the_check_names_the_device_the_host_would_send_through(lab: Lab) -> None:
+    """wrong_way, asked before any takeover: every next hop and moved prefix is still reached
+    through eth0, and each is named, with eth0."""
+    with IPRoute(netns=lab.host_ns, flags=0) as ipr:
+        state = read_host(ipr, "eth0", "br0")
+        found = wrong_way(ipr, state, "eth0", "br0")
+        assert wrong_way(ipr, state, "eth0", "eth0") == ()
+    assert found and all(line.endswith("via eth0, not br0") for line in found)
+    assert any(lab.addrs.gw_v4 in line for line in found), found

@@ -315,17 +315,23 @@ def wrong_way(ipr: IPRoute, snapshot: HostState, source: str, target: str) -> tu
     `source` and each prefix moved from it: through anything but `target`, its traffic would
     go out of the wrong device (a bridge port, or a bridge about to go)."""
     found = []
-    names = {link["index"]: link.get("IFLA_IFNAME") for link in ipr.get_links()}
+    (through,) = ipr.link_lookup(ifname=target) or (None,)
     for dst in _route_targets(snapshot, source):
         try:
             (answer,) = ipr.route("get", dst=dst)
         except (OSError, ValueError) as e:
             found.append(f"the host has no route to {dst}: {e}")
             continue
-        dev = names.get(answer.get("RTA_OIF"))
-        if dev != target:
-            found.append(f"the host sends to {dst} via {dev}, not {target}")
+        if (oif := answer.get("RTA_OIF")) != through:
+            found.append(f"the host sends to {dst} via {_name(ipr, oif)}, not {target}")
     return tuple(found)
+
+
+def _name(ipr: IPRoute, index: int | None) -> str | None:
+    """A device's name, asked for by index (one request, not a dump)."""
+    if index is None:
+        return None
+    return next((link.get("IFLA_IFNAME") for link in ipr.get_links(index)), str(index))
 
 
 def _route_targets(snapshot: HostState, source: str) -> list[str]:
