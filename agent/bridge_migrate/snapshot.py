@@ -78,6 +78,29 @@ _UPPER_FIX = {
 }
 
 
+class Fast:
+    """A pyroute2 message with its attributes decoded once, by name. pyroute2's `get` scans
+    every attribute at each call: with a thousand routes, most of a snapshot's time."""
+
+    __slots__ = ("attrs", "msg")
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self.attrs: dict[str, Any] = {}
+        for slot in msg["attrs"]:
+            self.attrs.setdefault(slot[0], slot[1])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """As pyroute2's: the first attribute of that name, else the field, else `default`."""
+        value = self.attrs.get(key)
+        if value is None and key in self.msg:
+            value = self.msg[key]
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        return self.msg[key]
+
+
 def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
     """One dump of each kind; the per-device settings from /proc/sys."""
     link_msgs = list(ipr.get_links())
@@ -87,7 +110,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
     wanted = {links[nic].index: nic}
     if bridge in links:
         wanted[links[bridge].index] = bridge
-    routes = list(ipr.get_routes())
+    routes = [Fast(m) for m in ipr.get_routes()]
     proxies = dump.proxy_neighbours()
     rule_msgs = list(ipr.get_rules())
     rules = [_rule(m) for m in rule_msgs]
@@ -96,7 +119,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
         nic=links[nic],
         bridge=links.get(bridge),
         addresses=tuple(
-            (wanted[m["index"]], _address(m)) for m in ipr.get_addr() if m["index"] in wanted
+            (wanted[m["index"]], _address(Fast(m))) for m in ipr.get_addr() if m["index"] in wanted
         ),
         routes=tuple(
             _route(m, wanted)
@@ -107,7 +130,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
         ),
         neighbours=tuple(
             _neighbour(m, wanted[m["ifindex"]])
-            for m in [*ipr.get_neighbours(), *proxies]
+            for m in map(Fast, [*ipr.get_neighbours(), *proxies])
             if m["ifindex"] in wanted and _is_carried(m)
         ),
         unsupported=(
@@ -133,7 +156,7 @@ def read_bridge_side(ipr: IPRoute, bridge: str, detach: tuple[str, ...]) -> Brid
     nic = side.kept_port(detach)
     if device is None or nic is None:
         return side  # refused for that alone
-    routes = list(ipr.get_routes())
+    routes = [Fast(m) for m in ipr.get_routes()]
     return replace(
         side,
         blockers=(
@@ -156,7 +179,7 @@ def _stacked_on_bridge(msgs: list[Msg], bridge: Link, nic: str) -> list[str]:
     ]
 
 
-def _unsupported_routes(routes: list[Msg], nic: Link, onto: str) -> tuple[str, ...]:
+def _unsupported_routes(routes: list[Fast], nic: Link, onto: str) -> tuple[str, ...]:
     """What goes through `nic` that cannot be moved to `onto` (the other device)."""
     found = []
     on_nic = {nh for nh, oif in dump.nexthop_objects() if oif == nic.index}
@@ -168,7 +191,7 @@ def _unsupported_routes(routes: list[Msg], nic: Link, onto: str) -> tuple[str, .
         )
     for m in routes:
         hops = m.get("RTA_MULTIPATH") or []
-        extra = sorted({name for name, _ in m["attrs"]} - _ROUTE_ATTRS)
+        extra = sorted(set(m.attrs) - _ROUTE_ATTRS)
         if extra and m.get("RTA_OIF") == nic.index:
             found.append(
                 f"route {_dst(m)} dev {nic.name} has {', '.join(extra)}, which this tool does "
@@ -184,9 +207,9 @@ def _unsupported_routes(routes: list[Msg], nic: Link, onto: str) -> tuple[str, .
     return tuple(found)
 
 
-def _uses_nexthop(m: Msg) -> bool:
-    return any(
-        name == "UNKNOWN" and value["header"]["type"] == RTA_NH_ID for name, value in m["attrs"]
+def _uses_nexthop(m: Fast) -> bool:
+    return "UNKNOWN" in m.attrs and any(
+        name == "UNKNOWN" and value["header"]["type"] == RTA_NH_ID for name, value in m.msg["attrs"]
     )
 
 
