@@ -99,7 +99,6 @@ class Checkpoint:
         progress.stage(StageName.RECORD, subject=cp.tx.dead_man or "")
         with signal_guard() as cp._guard:
             try:
-                cp.mark(Phase.APPLYING)
                 boundary("applying")
                 yield cp
             except Exception as e:
@@ -351,7 +350,7 @@ def _arm_and_record(
     now, pid = time.time(), os.getpid()
     tx = Transaction(
         id=tx_id,
-        phase=Phase.PLANNED,
+        phase=Phase.APPLYING,  # from here on, a rollback is what a failure needs
         pid=pid,
         pid_start=process_start(pid) or 0,
         started=now,

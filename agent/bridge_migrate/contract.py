@@ -29,7 +29,9 @@ class ExitCode(enum.IntEnum):
 
 
 class Phase(enum.StrEnum):
-    PLANNED = "planned"  # snapshot taken, nothing changed yet
+    # Snapshot taken, nothing changed yet: written by agents before 0.4 (the record is now
+    # written as APPLYING, one write fewer before the first change); a driver may still meet it.
+    PLANNED = "planned"
     APPLYING = "applying"  # the bridge exists; the batch is being sent
     VERIFYING = "verifying"  # the batch is in; probes are running
     CONFIRMING = "confirming"  # verified; waiting for `bridge-migrate confirm`

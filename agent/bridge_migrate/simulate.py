@@ -11,6 +11,7 @@ it, expiring, behind.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import replace
 from typing import assert_never
@@ -303,12 +304,19 @@ def _prefix_route_removed(
 
 
 def _with_secondary_flag(new: Address, existing: list[Address]) -> Address:
-    subnet = ipaddress.ip_interface(f"{new.address}/{new.prefixlen}").network
+    subnet = _network(new.address, new.prefixlen)
     shares_subnet = any(
-        a.prefixlen == new.prefixlen and ipaddress.ip_address(a.address) in subnet for a in existing
+        a.prefixlen == new.prefixlen and _network(a.address, a.prefixlen) == subnet
+        for a in existing
     )
     flags = new.flags | IFA_F_SECONDARY if shares_subnet else new.flags & ~IFA_F_SECONDARY
     return replace(new, flags=flags)
+
+
+@functools.cache
+def _network(address: str, prefixlen: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Parsed once: the secondary flag compares each new address with every one before it."""
+    return ipaddress.ip_interface(f"{address}/{prefixlen}").network
 
 
 def _insert_at(entries: list[tuple[str, Address]], dev: str, new: Address) -> int:
