@@ -18,7 +18,7 @@ SCRIPTS = [
 ]
 # What the pure code imports; the package itself is put on the path, not built (building it
 # needs the systemd headers, a Debian package).
-RUNTIME = ["pyroute2>=0.9.7,<0.10", "tenacity>=9.2,<10", "jeepney>=0.8,<1"]
+RUNTIME = ["pyroute2>=0.9.7,<0.10", "tenacity>=8.1,<10", "jeepney>=0.8,<1"]
 PURE = [
     "tests/test_manpages.py",
     "tests/test_plan.py",

@@ -21,13 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pyroute2 import IPRoute
-from tenacity import (
-    Retrying,
-    retry_if_result,
-    stop_before_delay,
-    stop_when_event_set,
-    wait_fixed,
-)
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_when_event_set, wait_fixed
 
 from .model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState, Route
 
@@ -170,8 +164,12 @@ def _run_until(
         except OSError:
             return False
 
+    def before_deadline(_state: RetryCallState) -> bool:
+        # tenacity's stop_before_delay (8.3+; Debian 12 has 8.2): no pause that ends past it
+        return time.monotonic() + _PAUSE >= deadline
+
     retrying = Retrying(
-        stop=stop_before_delay(max(0.0, deadline - time.monotonic())) | stop_when_event_set(stop),
+        stop=stop_when_event_set(stop) | before_deadline,
         wait=wait_fixed(_PAUSE),
         retry=retry_if_result(lambda ok: not ok),
         retry_error_callback=lambda _state: False,
