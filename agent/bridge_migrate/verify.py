@@ -22,6 +22,7 @@ from typing import Literal
 
 from pyroute2 import IPRoute
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_when_event_set, wait_fixed
+from tenacity.stop import stop_base
 
 from .model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState, Route
 
@@ -164,12 +165,8 @@ def _run_until(
         except OSError:
             return False
 
-    def before_deadline(_state: RetryCallState) -> bool:
-        # tenacity's stop_before_delay (8.3+; Debian 12 has 8.2): no pause that ends past it
-        return time.monotonic() + _PAUSE >= deadline
-
     retrying = Retrying(
-        stop=stop_when_event_set(stop) | before_deadline,
+        stop=_StopBefore(deadline) | stop_when_event_set(stop),
         wait=wait_fixed(_PAUSE),
         retry=retry_if_result(lambda ok: not ok),
         retry_error_callback=lambda _state: False,
@@ -179,6 +176,17 @@ def _run_until(
     finally:
         asker.close()
     return ProbeResult(probe, ok, attempts, time.monotonic() - started)
+
+
+class _StopBefore(stop_base):
+    """tenacity's stop_before_delay (8.3+; Debian 12 has 8.2.1): stop rather than pause past
+    the (monotonic) deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return time.monotonic() + _PAUSE >= self.deadline
 
 
 class _Asker:
