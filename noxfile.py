@@ -12,6 +12,7 @@ SCRIPTS = [
     "scripts/bench",
     "scripts/bootstrap",
     "scripts/bridge-migrate-remote",
+    "scripts/build-deb",
     "scripts/demo",
     "scripts/install",
     "scripts/test",
@@ -61,6 +62,7 @@ LABS = {
         "tests/test_handover_netplan.py",
         "tests/test_handover_dhcpcd.py",
         "tests/test_handover_ifupdown.py",
+        "tests/test_debian.py",
     ],
     "remote": ["tests/test_remote.py", "tests/test_ansible.py", "tests/test_contract.py"],
 }
