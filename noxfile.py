@@ -12,13 +12,14 @@ SCRIPTS = [
     "scripts/bench",
     "scripts/bootstrap",
     "scripts/bridge-migrate-remote",
+    "scripts/build-deb",
     "scripts/demo",
     "scripts/install",
     "scripts/test",
 ]
 # What the pure code imports; the package itself is put on the path, not built (building it
 # needs the systemd headers, a Debian package).
-RUNTIME = ["pyroute2>=0.9.7,<0.10", "tenacity>=9.2,<10", "jeepney>=0.8,<1"]
+RUNTIME = ["pyroute2>=0.9.7,<0.10", "tenacity>=8.1,<10", "jeepney>=0.8,<1"]
 PURE = [
     "tests/test_manpages.py",
     "tests/test_plan.py",
@@ -61,6 +62,7 @@ LABS = {
         "tests/test_handover_netplan.py",
         "tests/test_handover_dhcpcd.py",
         "tests/test_handover_ifupdown.py",
+        "tests/test_debian.py",
     ],
     "remote": ["tests/test_remote.py", "tests/test_ansible.py", "tests/test_contract.py"],
 }

@@ -22,13 +22,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pyroute2 import IPRoute
-from tenacity import (
-    Retrying,
-    retry_if_result,
-    stop_before_delay,
-    stop_when_event_set,
-    wait_fixed,
-)
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_when_event_set, wait_fixed
+from tenacity.stop import stop_base
 
 from .model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState, Route
 
@@ -181,7 +176,7 @@ def _run_until(
             return False
 
     retrying = Retrying(
-        stop=stop_before_delay(max(0.0, deadline - time.monotonic())) | stop_when_event_set(stop),
+        stop=_StopBefore(deadline) | stop_when_event_set(stop),
         wait=wait_fixed(_PAUSE),
         retry=retry_if_result(lambda ok: not ok),
         retry_error_callback=lambda _state: False,
@@ -191,6 +186,17 @@ def _run_until(
     finally:
         asker.close()
     return ProbeResult(probe, ok, attempts, time.monotonic() - started)
+
+
+class _StopBefore(stop_base):
+    """tenacity's stop_before_delay (8.3+; Debian 12 has 8.2.1): stop rather than pause past
+    the (monotonic) deadline."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return time.monotonic() + _PAUSE >= self.deadline
 
 
 class _Asker:
