@@ -362,10 +362,10 @@ def _not_link_local(routes: frozenset[tuple[object, ...]]) -> set[tuple[object, 
 
 @pytest.mark.root
 def test_torn_status_slot_leaves_the_one_before(lab: Lab, agent: Agent) -> None:
-    assert agent("apply").code == 0  # slots: planned, applying, verifying, committed
+    assert agent("apply").code == 0  # slots: applying, verifying, committed
     record = agent.state_dir / RECORD
     data = bytearray(record.read_bytes())
-    data[BLOCK * 4 + 40] ^= 0x01  # a bit of the newest slot, as a crash mid-write leaves it
+    data[BLOCK * 3 + 40] ^= 0x01  # a bit of the newest slot, as a crash mid-write leaves it
     _write_raw(record, bytes(data))
     status = agent("status")
     assert status.code == 0 and "verifying" in status.stdout
