@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 import os
 
-from pyroute2 import IPRoute
-
 from .errors import Refused, UsageError
 from .model import HostState
 from .plan import bridge_label, is_migrated, moved_addresses
-from .snapshot import default_route_device, read_links
+from .snapshot import Dumps, default_route_device, links_of
 
 IFNAMSIZ = 16
 MAX_TIMEOUT = 3600.0
@@ -36,14 +34,14 @@ def check_root() -> None:
         raise Refused("not running as root: changing the network needs CAP_NET_ADMIN", "use sudo")
 
 
-def choose_nic(ipr: IPRoute, nic: str | None, bridge: str) -> str:
+def choose_nic(dumps: Dumps, nic: str | None, bridge: str) -> str:
     """The named NIC, else the device of the default route (or, once migrated, its port)."""
-    links = read_links(ipr)
+    links = links_of(dumps)
     if nic is not None:
         if nic not in links:
             raise Refused(f"no such NIC {nic!r}", f"devices here: {', '.join(sorted(links))}")
         return nic
-    found = default_route_device(ipr, links)
+    found = default_route_device(dumps)
     if found is None:
         raise Refused("no default route, so no NIC to take over", "name it with --nic")
     if found == bridge and links[found].kind == "bridge":

@@ -5,7 +5,7 @@ bridge; and every object bound to the NIC that a move could not carry exactly, n
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -46,18 +46,39 @@ def _links(msgs: list[Msg]) -> dict[str, Link]:
     return {link.name: link for link in links}
 
 
-def default_route_device(ipr: IPRoute, links: dict[str, Link]) -> str | None:
+@dataclass(frozen=True)
+class Dumps:
+    """The links and the routes, dumped once: the NIC is chosen from them, then the host is read
+    from them (a thousand routes take tens of milliseconds to decode)."""
+
+    links: tuple[Msg, ...]
+    routes: tuple[Fast, ...]
+
+
+def dump_links_and_routes(ipr: IPRoute) -> Dumps:
+    return Dumps(tuple(ipr.get_links()), tuple(Fast(m) for m in ipr.get_routes()))
+
+
+def links_of(dumps: Dumps) -> dict[str, Link]:
+    return _links(list(dumps.links))
+
+
+def default_route_device(dumps: Dumps) -> str | None:
     """The device of the best default route in the main table: IPv4 first, else IPv6."""
-    names = {link.index: name for name, link in links.items()}
+    names = {m["index"]: m.get("IFLA_IFNAME") for m in dumps.links}
     for family in (AF_INET, AF_INET6):
         defaults = [
             m
-            for m in ipr.get_routes(family=family, table=RT_TABLE_MAIN)
-            if m["dst_len"] == 0 and m.get("RTA_OIF") is not None
+            for m in dumps.routes
+            if m["family"] == family
+            and (m.get("RTA_TABLE") or m["table"]) == RT_TABLE_MAIN
+            and m["dst_len"] == 0
+            and m.get("RTA_OIF") is not None
         ]
         if defaults:
             best = min(defaults, key=lambda m: m.get("RTA_PRIORITY") or 0)
-            return names[best.get("RTA_OIF")]
+            name: str = names[best.get("RTA_OIF")]
+            return name
     return None
 
 
@@ -101,16 +122,18 @@ class Fast:
         return self.msg[key]
 
 
-def read_host(ipr: IPRoute, nic: str, bridge: str) -> HostState:
-    """One dump of each kind; the per-device settings from /proc/sys."""
-    link_msgs = list(ipr.get_links())
+def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -> HostState:
+    """One dump of each kind (links and routes: `dumps`, if given); the per-device settings
+    from /proc/sys."""
+    dumps = dumps or dump_links_and_routes(ipr)
+    link_msgs = list(dumps.links)
     links = _links(link_msgs)
     if nic not in links:
         raise DeviceNotFound(nic)
     wanted = {links[nic].index: nic}
     if bridge in links:
         wanted[links[bridge].index] = bridge
-    routes = [Fast(m) for m in ipr.get_routes()]
+    routes = list(dumps.routes)
     proxies = dump.proxy_neighbours()
     rule_msgs = list(ipr.get_rules())
     rules = [_rule(m) for m in rule_msgs]

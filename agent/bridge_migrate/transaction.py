@@ -31,7 +31,7 @@ from .preflight import check_root, choose_nic, refusals
 from .progress import Progress
 from .record import Locked, RecordError, Store, Transaction
 from .simulate import simulate
-from .snapshot import read_bridge_side, read_host
+from .snapshot import dump_links_and_routes, read_bridge_side, read_host
 from .verify import Probe, gateway_probes
 
 
@@ -54,11 +54,12 @@ _EARLY = 0.5  # seconds: a dead man this much before its deadline was meant for 
 
 def read_plan(ipr: IPRoute, req: ApplyRequest, progress: Progress) -> Prepared | None:
     """Snapshot and plan; None when the host is already migrated. Raises Refused."""
-    nic = choose_nic(ipr, req.nic, req.bridge)
+    dumps = dump_links_and_routes(ipr)
+    nic = choose_nic(dumps, req.nic, req.bridge)
     progress.bind(nic=nic, bridge=req.bridge)
     asked = ask_owners(nic)
     reading = _read_managers(ipr, asked.owners, nic, req.bridge)
-    state = read_host(ipr, nic, req.bridge)
+    state = read_host(ipr, nic, req.bridge, dumps)
     progress.attach("snapshot", state)
     progress.stage(
         StageName.SNAPSHOT, subject=state.nic.name, counts=tuple(carried_counts(state).items())
