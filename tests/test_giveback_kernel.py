@@ -29,7 +29,7 @@ from bridge_migrate.batch import send_batch
 from bridge_migrate.giveback import giveback_refusals, plan_giveback, port_refusals
 from bridge_migrate.model import AF_INET6
 from bridge_migrate.plan import AddAddress
-from bridge_migrate.ready import wait_until_ready
+from bridge_migrate.ready import Readiness
 from bridge_migrate.rollback import already_so, on_link_first
 from bridge_migrate.snapshot import read_bridge_side, read_host, read_links
 
@@ -51,14 +51,15 @@ with IPRoute() as ipr:
         result = send_batch(ops, resolve)
         bad = [o for o in result.outcomes if not (o.ok or already_so(o.op, o.error))]
         failed.extend(o.describe() for o in bad)
-    for steps in ((plan.prepare,), plan.tune, plan.make):
-        send([s.do for s in steps])
     ipv6 = tuple(
         s.do.address.address
         for s in plan.steps
         if isinstance(s.do, AddAddress) and s.do.address.family == AF_INET6
     )
-    waited = wait_until_ready(ipr, plan.nic, ipv6)
+    with Readiness(ipr, plan.nic, ipv6) as readiness:
+        for steps in ((plan.prepare,), plan.tune, plan.make):
+            send([s.do for s in steps])
+        waited = readiness.wait()
     send([s.do for s in plan.batch])
     if mode == "undo":
         created, *rest = on_link_first([s.undo for s in reversed(plan.steps)])

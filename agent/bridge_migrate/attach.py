@@ -334,7 +334,7 @@ def _verify(
         results = run_probes(probes, deadline, progress.ping)
     silent = [r.probe for r in results if not r.ok]
     for r in results:
-        progress.note(f"{r.probe.spec}: {'ok' if r.ok else 'silent'} in {r.seconds * 1000:.0f} ms")
+        progress.note(f"{r.probe.spec} {'ok' if r.ok else 'silent'} in {r.seconds * 1000:.0f} ms")
     progress.stage(
         StageName.VERIFY,
         acked=len(results) - len(silent),

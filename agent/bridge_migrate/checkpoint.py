@@ -177,8 +177,8 @@ class Checkpoint:
             for op in added
             if op.dev == plan.target and op.address.family == AF_INET6
         )
-        # Listening before the bridge is made: every event on the way to ready is seen.
-        with Readiness(plan.target, ipv6) as readiness:
+        # Listening before the first send: every event on the way to ready is seen.
+        with Readiness(self.ipr, plan.target, ipv6) as readiness:
             resolve = _Indices(self.ipr, p.snapshot)
             made = self.send((plan.prepare,), resolve)
             _require(made)

@@ -7,8 +7,9 @@ not usable until the address work has installed its local route, even with NODAD
 soon as the batch lets go of the RTNL lock.
 
 Both are learnt from the kernel's own notifications (RTNLGRP_LINK and RTNLGRP_IPV6_ROUTE), on a
-socket subscribed before the bridge is made, so no event on the way is missed and nothing is
-polled. Should the socket overflow (ENOBUFS: events were lost), the state is asked for once.
+socket subscribed before the first send, so no event on the way is missed and nothing is polled.
+Right after subscribing, the state of a device that exists already (the NIC, on the way back)
+is asked for once; so it is again should the socket overflow (ENOBUFS: events were lost).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWLINK, RTM_NEWROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
@@ -34,8 +36,8 @@ class Readiness:
     """Subscribed on entry; `wait` returns once `bridge` is operationally up and each of
     `ipv6` has its local route on it."""
 
-    def __init__(self, bridge: str, ipv6: tuple[str, ...]) -> None:
-        self.bridge, self.ipv6 = bridge, frozenset(ipv6)
+    def __init__(self, ipr: IPRoute, bridge: str, ipv6: tuple[str, ...]) -> None:
+        self.ipr, self.bridge, self.ipv6 = ipr, bridge, frozenset(ipv6)
         self.index: int | None = None
         self.up = False
         self.local: set[tuple[str, int]] = set()  # (address, device index) with a local route
@@ -47,6 +49,7 @@ class Readiness:
     def __enter__(self) -> Readiness:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
         self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV6_ROUTE))
+        self._ask()
         return self
 
     def __exit__(
@@ -93,9 +96,13 @@ class Readiness:
             self.local.add((msg.get("RTA_DST"), msg.get("RTA_OIF")))
 
     def _ask(self) -> None:
-        """Events were lost: read the state they would have told."""
-        with IPRoute() as ipr:
-            for link in ipr.get_links(ifname=self.bridge):
-                self._learn(link)
-            for route in ipr.get_routes(family=AF_INET6, table=RT_TABLE_LOCAL):
+        """The state events have not told (or told a socket that overflowed)."""
+        try:
+            links = self.ipr.get_links(ifname=self.bridge)
+        except NetlinkError:
+            return  # not made yet: its events will tell
+        for link in links:
+            self._learn(link)
+        if self.ipv6:
+            for route in self.ipr.get_routes(family=AF_INET6, table=RT_TABLE_LOCAL):
                 self._learn(route)

@@ -11,6 +11,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from . import dump, netfilter, sysctl
+from .dump import Fast
 from .model import (
     AF_INET,
     AF_INET6,
@@ -56,7 +57,7 @@ class Dumps:
 
 
 def dump_links_and_routes(ipr: IPRoute) -> Dumps:
-    return Dumps(tuple(ipr.get_links()), tuple(Fast(m) for m in ipr.get_routes()))
+    return Dumps(tuple(ipr.get_links()), dump.routes())
 
 
 def links_of(dumps: Dumps) -> dict[str, Link]:
@@ -99,29 +100,6 @@ _UPPER_FIX = {
 }
 
 
-class Fast:
-    """A pyroute2 message with its attributes decoded once, by name. pyroute2's `get` scans
-    every attribute at each call: with a thousand routes, most of a snapshot's time."""
-
-    __slots__ = ("attrs", "msg")
-
-    def __init__(self, msg: Msg) -> None:
-        self.msg = msg
-        self.attrs: dict[str, Any] = {}
-        for slot in msg["attrs"]:
-            self.attrs.setdefault(slot[0], slot[1])
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """As pyroute2's: the first attribute of that name, else the field, else `default`."""
-        value = self.attrs.get(key)
-        if value is None and key in self.msg:
-            value = self.msg[key]
-        return default if value is None else value
-
-    def __getitem__(self, key: str) -> Any:
-        return self.msg[key]
-
-
 def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -> HostState:
     """One dump of each kind (links and routes: `dumps`, if given); the per-device settings
     from /proc/sys."""
@@ -142,7 +120,9 @@ def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -
         nic=links[nic],
         bridge=links.get(bridge),
         addresses=tuple(
-            (wanted[m["index"]], _address(Fast(m))) for m in ipr.get_addr() if m["index"] in wanted
+            (wanted[m["index"]], _address(Fast.of(m)))
+            for m in ipr.get_addr()
+            if m["index"] in wanted
         ),
         routes=tuple(
             _route(m, wanted)
@@ -153,7 +133,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -
         ),
         neighbours=tuple(
             _neighbour(m, wanted[m["ifindex"]])
-            for m in map(Fast, [*ipr.get_neighbours(), *proxies])
+            for m in map(Fast.of, [*ipr.get_neighbours(), *proxies])
             if m["ifindex"] in wanted and _is_carried(m)
         ),
         unsupported=(
@@ -179,7 +159,7 @@ def read_bridge_side(ipr: IPRoute, bridge: str, detach: tuple[str, ...]) -> Brid
     nic = side.kept_port(detach)
     if device is None or nic is None:
         return side  # refused for that alone
-    routes = [Fast(m) for m in ipr.get_routes()]
+    routes = list(dump.routes())
     return replace(
         side,
         blockers=(
