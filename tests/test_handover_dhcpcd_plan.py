@@ -12,8 +12,8 @@ import pytest
 from bridge_migrate import handover, serde
 from bridge_migrate.handover.clients import DhcpcdAdoption, DhcpcdView
 from bridge_migrate.owner import Manager
-from bridge_migrate.plan import Adopt, Plan, Readopt, WriteConfig, plan_takeover
-from bridge_migrate.record import replan
+from bridge_migrate.plan import Adopt, Readopt, WriteConfig, plan_takeover
+from bridge_migrate.record import Recipe
 from shapes import addr, host_with, route
 
 DHCP, RA = 16, 9
@@ -105,8 +105,8 @@ def test_the_transaction_stops_and_starts_it_after_the_batch_and_undoes_it() -> 
 
 def test_a_recorded_plan_is_replanned_to_the_same() -> None:
     plan = plan_takeover(STATE, "br0", (VIEW,))
-    recorded = serde.load(Plan, json.loads(json.dumps(serde.to_data(plan))))
-    assert recorded == plan and replan(STATE, recorded) == plan
+    recorded = serde.load(Recipe, json.loads(json.dumps(serde.to_data(Recipe.of(plan)))))
+    assert recorded.plan(STATE) == plan
 
 
 @pytest.mark.parametrize(
@@ -128,7 +128,7 @@ def test_a_crafted_view_is_refused(change: dict[str, object], reason: str) -> No
     assert reason in refusal(tampered)
     plan = plan_takeover(STATE, "br0", (VIEW,))
     with pytest.raises(ValueError, match=reason):
-        replan(STATE, replace(plan, views=(tampered,)))
+        Recipe.of(replace(plan, views=(tampered,))).plan(STATE)
 
 
 @pytest.mark.parametrize(

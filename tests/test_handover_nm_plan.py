@@ -23,7 +23,7 @@ from bridge_migrate.plan import (
     WriteConfig,
     plan_takeover,
 )
-from bridge_migrate.record import replan
+from bridge_migrate.record import Recipe
 from bridge_migrate.rollback import managers_around
 from shapes import NIC, addr, host_with, route
 
@@ -256,7 +256,7 @@ def test_the_plan_replans_from_the_record_to_the_same_files() -> None:
     write, adopt = plan.handover
     assert isinstance(write.do, WriteConfig) and isinstance(adopt.do, Adopt)
     restored = serde.load(Plan, serde.to_data(plan))
-    assert restored == plan and replan(STATE, restored) == plan  # the UUIDs are derived
+    assert restored == plan and Recipe.of(restored).plan(STATE) == plan  # the UUIDs are derived
 
 
 def test_the_rollback_lets_networkmanager_go_before_the_files_and_the_inverses() -> None:

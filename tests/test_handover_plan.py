@@ -16,7 +16,7 @@ from bridge_migrate import handover, serde
 from bridge_migrate.handover import files, networkd, unitfile
 from bridge_migrate.handover.files import ABSENT, FileChange, FileState
 from bridge_migrate.plan import Adopt, Plan, WriteConfig, plan_takeover
-from bridge_migrate.record import replan
+from bridge_migrate.record import Recipe
 from shapes import addr, host_with, route
 
 NETWORK = "/etc/systemd/network/10-lab.network"
@@ -102,7 +102,7 @@ def test_the_handover_comes_after_the_netlink_sends_and_replans_from_the_record(
     assert isinstance(write.do, WriteConfig) and isinstance(adopt.do, Adopt)
     assert plan.steps[-2:] == (write, adopt)
     restored = serde.load(Plan, serde.to_data(plan))
-    assert restored == plan and replan(STATE, restored) == plan
+    assert restored == plan and Recipe.of(restored).plan(STATE) == plan
 
 
 def test_file_changes_are_atomic_and_undone(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ import pytest
 
 from bridge_migrate.deadman import GRACE
 from bridge_migrate.failpoints import KILL_AT_ENV
-from bridge_migrate.plan import DeleteBridge, ReplaceRoute, Step
 from bridge_migrate.record import (
     BLOCK,
     HEADER_AT,
@@ -266,20 +265,9 @@ def _forge(state_dir: Path, change: Callable[[Transaction], Transaction]) -> Non
     store.create(change(tx))
 
 
-_ROUTE = "198.51.100.0"
-
-
-def _planted_route(tx: Transaction) -> Transaction:
-    route = replace(tx.snapshot.routes[0], dst=_ROUTE, dst_len=24, gateway=None, dev="eth0")
-    moved = replace(route, dev=tx.plan.bridge)
-    step = Step(ReplaceRoute(route, moved), ReplaceRoute(moved, route))
-    return replace(tx, plan=replace(tx.plan, batch=(*tx.plan.batch, step)))
-
-
-def _victim_bridge(tx: Transaction) -> Transaction:
-    prepare = replace(tx.plan.prepare, do=replace(tx.plan.prepare.do, name="victim0"))
-    prepare = replace(prepare, undo=DeleteBridge("victim0"))
-    return replace(tx, plan=replace(tx.plan, prepare=prepare))
+def _sideways(tx: Transaction) -> Transaction:
+    """A plan in no direction the agent knows: the recipe it is made from cannot be read."""
+    return replace(tx, plan=replace(tx.plan, direction="sideways"))  # type: ignore[arg-type]
 
 
 def _glob_dead_man(tx: Transaction) -> Transaction:
@@ -297,7 +285,7 @@ RAW: dict[str, Callable[[bytes], bytes]] = {
     "cut-at-8192": lambda data: data[:8192],
     "cut-in-the-transaction": lambda data: data[: HEADER_AT + 100],
     "nested-10000-deep": lambda data: data[:HEADER_AT] + b"[" * 10000 + b"]" * 10000,
-    "format-3": lambda data: data.replace(b"bridge-migrate record 2", b"bridge-migrate record 3"),
+    "format-4": lambda data: data.replace(b"bridge-migrate record 3", b"bridge-migrate record 4"),
 }
 TAMPERED = {
     "random-bytes": "not a bridge-migrate record",
@@ -305,9 +293,8 @@ TAMPERED = {
     "cut-at-8192": "cut short",
     "cut-in-the-transaction": "the transaction cannot be read",
     "nested-10000-deep": "nested deeper than 32",
-    "format-3": "format '3'; this bridge-migrate reads format 2",
-    "plan-with-a-route-added": "its plan is not the plan for its snapshot",
-    "plan-deletes-a-victim": "its plan is not the plan for its snapshot",
+    "format-4": "format '4'; this bridge-migrate reads format 3",
+    "plan-in-no-direction": "the transaction cannot be read",
     "dead-man-glob": "dead man 'bridge-*' is not a unit bridge-migrate makes",
     "bad-device-name": "device 'eth0 lo': an interface name has no '/', ':' or white space",
     "larger-than-16-MiB": "larger than 16777216 bytes",
@@ -316,8 +303,7 @@ TAMPERED = {
     "a-fifo": "is not a regular file",
 }
 FORGED = {
-    "plan-with-a-route-added": _planted_route,
-    "plan-deletes-a-victim": _victim_bridge,
+    "plan-in-no-direction": _sideways,
     "dead-man-glob": _glob_dead_man,
     "bad-device-name": _bad_device,
 }

@@ -5,7 +5,9 @@ One file, `record`, in the state directory:
     block 0       "bridge-migrate record 2": the format, checked before anything else is read
     blocks 1-8    status slots (phase, deadline, dead man, detail), each with a checksum and a
                   sequence number: the newest readable one is the transaction's status
-    block 9 on    the transaction as it started (ids, snapshot, plan, probes), JSON
+    block 9 on    the transaction as it started (ids, snapshot, probes, and what its plan is
+                  made from besides the snapshot: the plan itself is made again when the
+                  record is read, as the agent's plans are pure), JSON
 
 The whole file is written before the first change (temporary file, every byte, fsync, rename,
 fsync of the directory): a full or read-only disk refuses the transaction instead of stopping it
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import stat
+import typing
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -36,17 +39,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, assert_never
 
-from . import deadman, nslock, serde
+from . import deadman, handover, nslock, serde
 from .contract import Phase
 from .errors import Refused, UsageError
 from .giveback import plan_giveback
 from .model import HostState
-from .plan import Plan, plan_takeover
+from .plan import Direction, Plan, plan_takeover
 from .preflight import check_name
 from .verify import Probe
 
 RECORD = "record"
-FORMAT = 2
+FORMAT = 3  # 3: the plan's recipe instead of the plan (a third of the size)
 MAGIC = b"bridge-migrate record"
 BLOCK = 4096
 SLOTS = 8
@@ -165,7 +168,7 @@ class Store:
         """Write the whole record of a new transaction (replacing the last one), before the
         first change: if it cannot be written in full, nothing has changed yet."""
         slots = [_encode_slot(_status_of(tx, 0)), *([_EMPTY_SLOT] * (SLOTS - 1))]
-        header = json.dumps(serde.to_data(tx), separators=(",", ":")).encode()
+        header = json.dumps(_stored(tx), separators=(",", ":")).encode()
         data = b"".join([_preamble(), *slots, header])
         dirfd = self._open_directory(create=True)
         assert dirfd is not None  # created if missing
@@ -408,9 +411,16 @@ class Store:
             version = first[2].decode(errors="replace")
             raise self._damaged(f"format {version!r}; this bridge-migrate reads format {FORMAT}")
         try:
-            tx = serde.load(Transaction, _json(data[HEADER_AT:]))
+            stored = _json(data[HEADER_AT:])
+            recipe = serde.load(Recipe, stored["plan"])
+            fields = {n: serde.from_data(_TX_HINTS[n], stored[n]) for n in _TX_HINTS if n != "plan"}
         except (ValueError, KeyError, TypeError) as e:
             raise self._damaged(f"the transaction cannot be read: {e}") from None
+        try:
+            plan = recipe.plan(fields["snapshot"])
+        except Exception as e:  # a crafted snapshot may trip the planner anywhere: not ours
+            raise self._damaged(f"its snapshot cannot be planned: {e!r}") from None
+        tx = Transaction(**fields, plan=plan)
         latest = _newest(self._slots(data[BLOCK:HEADER_AT]))
         if latest is None:
             raise self._damaged("no readable status")
@@ -542,24 +552,41 @@ def _implausible(tx: Transaction) -> str:
             check_name("device", name)
     except UsageError as e:
         return e.message
-    try:
-        replanned = replan(tx.snapshot, tx.plan)
-    except Exception as e:  # a crafted snapshot may trip the planner anywhere: not ours
-        return f"its snapshot cannot be planned: {e!r}"
-    if replanned != tx.plan:
-        return "its plan is not the plan for its snapshot"
     return ""
 
 
-def replan(snapshot: HostState, plan: Plan) -> Plan:
-    """The plan this agent makes for `snapshot`, in `plan`'s direction."""
-    match plan.direction:
-        case "takeover":
-            return plan_takeover(snapshot, plan.bridge, plan.views)
-        case "giveback":
-            return plan_giveback(snapshot, plan.bridge, plan.detached)
-        case _:
-            assert_never(plan.direction)
+@dataclass(frozen=True)
+class Recipe:
+    """What a plan is made from besides the snapshot: the record keeps this rather than the
+    plan, and the plan is made again when the record is read, so a record cannot carry a plan
+    this agent would not make for its snapshot."""
+
+    direction: Direction
+    bridge: str
+    detached: tuple[str, ...]
+    views: tuple[handover.View, ...]
+
+    @classmethod
+    def of(cls, plan: Plan) -> Recipe:
+        return cls(plan.direction, plan.bridge, plan.detached, plan.views)
+
+    def plan(self, snapshot: HostState) -> Plan:
+        match self.direction:
+            case "takeover":
+                return plan_takeover(snapshot, self.bridge, self.views)
+            case "giveback":
+                return plan_giveback(snapshot, self.bridge, self.detached)
+            case _:
+                assert_never(self.direction)
+
+
+_TX_HINTS = typing.get_type_hints(Transaction)
+
+
+def _stored(tx: Transaction) -> dict[str, Any]:
+    """The transaction as the record keeps it: the plan's recipe in place of the plan."""
+    data = {n: serde.to_data(getattr(tx, n)) for n in _TX_HINTS if n != "plan"}
+    return {**data, "plan": serde.to_data(Recipe.of(tx.plan))}
 
 
 def _device_names(tx: Transaction) -> Iterator[str]:
