@@ -4,13 +4,12 @@ own reader."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 from pyroute2 import IPRoute
 
-from bridge_migrate.snapshot import read_host
-from bridge_migrate.verify import wrong_way
 from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import HostView, assert_unchanged, read_view
@@ -291,10 +290,19 @@ def test_firewall_rule_that_cannot_be_rewritten_is_refused(lab: Lab, agent: Agen
 def test_the_check_names_the_device_the_host_would_send_through(lab: Lab) -> None:
     """wrong_way, asked before any takeover: every next hop and moved prefix is still reached
     through eth0, and each is named, with eth0."""
-    with IPRoute(netns=lab.host_ns, flags=0) as ipr:
-        state = read_host(ipr, "eth0", "br0")
-        found = wrong_way(ipr, state, "eth0", "br0")
-        assert wrong_way(ipr, state, "eth0", "eth0") == ()
+    code = (
+        "import json\n"
+        "from pyroute2 import IPRoute\n"
+        "from bridge_migrate.snapshot import read_host\n"
+        "from bridge_migrate.verify import wrong_way\n"
+        "with IPRoute() as ipr:\n"
+        "    state = read_host(ipr, 'eth0', 'br0')\n"
+        "    print(json.dumps([wrong_way(ipr, state, 'eth0', n) for n in ('br0', 'eth0')]))\n"
+    )
+    done = lab.run(lab.host_ns, [sys.executable, "-c", code], timeout=30)
+    assert done.returncode == 0, done.stderr
+    found, through_eth0 = json.loads(done.stdout)
+    assert through_eth0 == []
     assert found and all(line.endswith("via eth0, not br0") for line in found)
     assert any(lab.addrs.gw_v4 in line for line in found), found
 

@@ -11,6 +11,9 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
@@ -20,14 +23,47 @@ NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
-RTM_GETNEIGH = 30
+RTM_GETLINK = 18
+RTM_GETADDR = 22
 RTM_GETROUTE = 26
+RTM_GETNEIGH = 30
+RTM_GETRULE = 34
 RTM_GETNEXTHOP = 106
 NHA_ID = 1
 NHA_OIF = 5
 _HEADER = struct.Struct("=IHHII")
 _ATTR = struct.Struct("=HH")
 _TIMEOUT = 2.0
+
+
+def links() -> list[Any]:
+    """Every link, decoded by pyroute2 (IPRoute.get_links() less its event loop)."""
+    return _decoded(RTM_GETLINK, ifinfmsg, struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0))
+
+
+def addresses() -> list[Any]:
+    """Every address of both families, decoded by pyroute2."""
+    return _decoded(RTM_GETADDR, ifaddrmsg, struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0))
+
+
+def neighbours() -> list[Any]:
+    """Every neighbour entry of both families (not the proxy ones), decoded by pyroute2."""
+    request = struct.pack("=BxxxiHBB", socket.AF_UNSPEC, 0, 0, 0, 0)
+    return _decoded(RTM_GETNEIGH, ndmsg, request)
+
+
+def rules() -> list[Any]:
+    """Every policy rule of both families, decoded by pyroute2."""
+    return _decoded(RTM_GETRULE, fibmsg, struct.pack("=BBBBBBBBI", socket.AF_UNSPEC, *[0] * 8))
+
+
+def _decoded(kind: int, cls: Any, request: bytes) -> list[Any]:
+    found = []
+    for body in _dump(kind, request):
+        msg = cls(body)
+        msg.decode()
+        found.append(msg)
+    return found
 
 
 def proxy_neighbours() -> list[Any]:

@@ -57,7 +57,7 @@ class Dumps:
 
 
 def dump_links_and_routes(ipr: IPRoute) -> Dumps:
-    return Dumps(tuple(ipr.get_links()), dump.routes())
+    return Dumps(tuple(dump.links()), dump.routes())
 
 
 def links_of(dumps: Dumps) -> dict[str, Link]:
@@ -113,7 +113,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -
         wanted[links[bridge].index] = bridge
     routes = list(dumps.routes)
     proxies = dump.proxy_neighbours()
-    rule_msgs = list(ipr.get_rules())
+    rule_msgs = dump.rules()
     rules = [_rule(m) for m in rule_msgs]
     firewall = netfilter.read_rules(nic, bridge)
     return HostState(
@@ -121,7 +121,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -
         bridge=links.get(bridge),
         addresses=tuple(
             (wanted[m["index"]], _address(Fast.of(m)))
-            for m in ipr.get_addr()
+            for m in dump.addresses()
             if m["index"] in wanted
         ),
         routes=tuple(
@@ -133,7 +133,7 @@ def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -
         ),
         neighbours=tuple(
             _neighbour(m, wanted[m["ifindex"]])
-            for m in map(Fast.of, [*ipr.get_neighbours(), *proxies])
+            for m in map(Fast.of, [*dump.neighbours(), *proxies])
             if m["ifindex"] in wanted and _is_carried(m)
         ),
         unsupported=(
