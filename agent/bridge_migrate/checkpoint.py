@@ -30,12 +30,13 @@ from .failpoints import boundary
 from .handover.files import FileError, write_states
 from .model import AF_INET6, HostState
 from .plan import AddAddress, Plan, Step
+from .prepare import Prepared
 from .progress import Progress
 from .ready import LIMIT, Readiness
 from .record import RecordError, Store, Transaction, current_boot_id, process_start
 from .rollback import already_so, restore
 from .snapshot import read_host
-from .verify import Probe, ProbeResult, probing, run_probes, wrong_way
+from .verify import ProbeResult, probing, run_probes, wrong_way
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,6 @@ class Deadline:
     @property
     def left(self) -> float:
         return self.monotonic - time.monotonic()
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Everything decided before the first change."""
-
-    snapshot: HostState
-    plan: Plan
-    desired: HostState
-    probes: tuple[Probe, ...]
 
 
 class Interrupted(Exception):

@@ -10,109 +10,28 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from . import deadman, guestbook, handover
-from .checkpoint import Checkpoint, Deadline, Interrupted, Prepared, resume, settle, signal_guard
-from .contract import ALREADY_MIGRATED, ExitCode, Phase, StageName
+from .checkpoint import Checkpoint, Deadline, Interrupted, resume, settle, signal_guard
+from .contract import ALREADY_MIGRATED, ExitCode, Phase
 from .errors import Refused
-from .giveback import giveback_notes, giveback_refusals, plan_giveback, port_refusals
-from .handover.files import FileError, write_states
-from .model import HostState
-from .owner import Owner, ask_owners, handover_refused, ownership
-from .owner import describe as describe_ownership
-from .owner import refusals as unmanageable
-from .plan import Adopt, RestoreConfig, carried_counts, is_migrated, plan_takeover
-from .preflight import check_root, choose_nic, refusals
+from .handover.files import write_states
+from .plan import Adopt, RestoreConfig
+from .preflight import check_root
+from .prepare import ApplyRequest, Prepared, read_giveback, read_plan
 from .progress import Progress
 from .record import Locked, RecordError, Store, Transaction
-from .simulate import simulate
-from .snapshot import dump_links_and_routes, read_bridge_side, read_host
-from .verify import Probe, gateway_probes
-
-
-@dataclass(frozen=True)
-class ApplyRequest:
-    nic: str | None
-    bridge: str
-    timeout: float
-    probes: tuple[Probe, ...]
-    confirm_within: float | None  # keep the change pending this long, until `confirm`
-    detach: tuple[str, ...] = ()  # undo: the bridge's other ports, released before it goes
-
 
 # A live agent rolling back is given this long past the deadline (a manager configuring the NIC
 # again takes seconds) before the dead man kills it; the dead man waits a little longer.
 _ROLLBACK_GRACE = handover.WAIT + 5.0
 _EXPIRE_LOCK_WAIT = _ROLLBACK_GRACE + 5.0
 _EARLY = 0.5  # seconds: a dead man this much before its deadline was meant for an older one
-
-
-def read_plan(ipr: IPRoute, req: ApplyRequest, progress: Progress) -> Prepared | None:
-    """Snapshot and plan; None when the host is already migrated. Raises Refused."""
-    dumps = dump_links_and_routes(ipr)
-    nic = choose_nic(dumps, req.nic, req.bridge)
-    progress.bind(nic=nic, bridge=req.bridge)
-    asked = ask_owners(nic)
-    reading = _read_managers(ipr, asked.owners, nic, req.bridge)
-    state = read_host(ipr, nic, req.bridge, dumps)
-    progress.attach("snapshot", state)
-    progress.stage(
-        StageName.SNAPSHOT, subject=state.nic.name, counts=tuple(carried_counts(state).items())
-    )
-    if is_migrated(state, req.bridge):
-        return None
-    owned = ownership(asked, state)
-    progress.attach("owner", owned)
-    for line in describe_ownership(owned):
-        progress.note(line)
-    problems = [
-        *refusals(state, req.bridge),
-        *unmanageable(owned, req.bridge, reading.unsupported),
-        *(
-            handover_refused(owned, handover.manager_of(v), why, req.bridge)
-            for v in reading.views
-            if isinstance(why := handover.plan(v, state, req.bridge), str)
-        ),
-    ]
-    progress.attach("carried", carried_counts(state))
-    if problems:
-        progress.attach("blockers", problems)
-        raise Refused("; ".join(problems))
-    plan = plan_takeover(state, req.bridge, reading.views)
-    notes = _handover_notes(reading.views, state, req.bridge)
-    progress.attach("handover_notes", notes)
-    for line in notes:
-        progress.note(f"handover {line}")
-    probes = (*gateway_probes(state, nic, req.bridge), *req.probes)
-    if not probes:
-        raise Refused(f"nothing to verify: {nic} has no default route via a gateway", "add --probe")
-    progress.attach("plan", plan)
-    desired = simulate(state, [s.do for s in plan.steps])
-    counts = (("settings", len(plan.tune)), ("additions", len(plan.make)))
-    progress.stage(StageName.PLAN, counts=(*counts, ("in one batch", len(plan.batch))))
-    return Prepared(state, plan, desired, probes)
-
-
-def _handover_notes(views: tuple[handover.View, ...], state: HostState, bridge: str) -> list[str]:
-    """What the hand-overs do that is worth knowing before (what a reboot brings, say)."""
-    planned = [handover.plan(v, state, bridge) for v in views]
-    return [n for h in planned if not isinstance(h, str) for n in h.notes]
-
-
-def _read_managers(
-    ipr: IPRoute, owners: tuple[Owner, ...], nic: str, bridge: str
-) -> handover.Reading:
-    (link,) = ipr.link_lookup(ifname=nic) or (0,)
-    try:
-        return handover.read(owners, nic, bridge, link)
-    except FileError as e:
-        raise Refused(str(e)) from None
 
 
 def apply(
@@ -169,40 +88,6 @@ def _without_collector_pauses() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-def read_giveback(
-    ipr: IPRoute, req: ApplyRequest, progress: Progress, guests: Mapping[str, str] | None = None
-) -> Prepared | None:
-    """Snapshot and plan the way back; None when there is no bridge to leave. Raises Refused.
-    `guests`: the bridge's ports `attach` made, named in the refusal."""
-    side = read_bridge_side(ipr, req.bridge, req.detach)
-    if side.device is None:
-        return None
-    problems = port_refusals(side, req.detach, guests)
-    nic = side.kept_port(req.detach)
-    if problems or nic is None:
-        raise Refused("; ".join(problems))
-    progress.bind(nic=nic.name, bridge=req.bridge)
-    state = read_host(ipr, nic.name, req.bridge)
-    progress.attach("snapshot", state)
-    progress.stage(
-        StageName.SNAPSHOT, subject=req.bridge, counts=tuple(carried_counts(state).items())
-    )
-    problems = giveback_refusals(state, side, req.detach)
-    if problems:
-        raise Refused("; ".join(problems))
-    for note in giveback_notes(state):
-        progress.note(note)
-    plan = plan_giveback(state, req.bridge, req.detach)
-    probes = (*gateway_probes(state, req.bridge, nic.name), *req.probes)
-    if not probes:
-        raise Refused(f"nothing to verify: {req.bridge} has no default route via a gateway")
-    progress.attach("plan", plan)
-    desired = simulate(state, [s.do for s in plan.steps])
-    counts = (("operations", len(plan.steps)), ("in one batch", len(plan.batch)))
-    progress.stage(StageName.PLAN, counts=counts)
-    return Prepared(state, plan, desired, probes)
 
 
 def rollback(store: Store, progress: Progress) -> ExitCode:
