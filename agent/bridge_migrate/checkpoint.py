@@ -169,8 +169,9 @@ class Checkpoint:
             if op.dev == plan.target and op.address.family == AF_INET6
         )
         # Listening before the first send: every event on the way to ready is seen.
-        with Readiness(self.ipr, plan.target, ipv6) as readiness:
-            resolve = _Indices(self.ipr, p.snapshot)
+        resolve = _Indices(self.ipr, p.snapshot)
+        exists = plan.target in resolve.known
+        with Readiness(self.ipr, plan.target, ipv6, exists=exists) as readiness:
             made = self.send((plan.prepare,), resolve)
             _require(made)
             boundary("bridge")

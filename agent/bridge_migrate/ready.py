@@ -36,8 +36,12 @@ class Readiness:
     """Subscribed on entry; `wait` returns once `bridge` is operationally up and each of
     `ipv6` has its local route on it."""
 
-    def __init__(self, ipr: IPRoute, bridge: str, ipv6: tuple[str, ...]) -> None:
-        self.ipr, self.bridge, self.ipv6 = ipr, bridge, frozenset(ipv6)
+    def __init__(
+        self, ipr: IPRoute, bridge: str, ipv6: tuple[str, ...], *, exists: bool = True
+    ) -> None:
+        """`exists`: `bridge` is there already (the NIC, on the way back), so its state is
+        asked for; one the plan makes is learnt from the events alone."""
+        self.ipr, self.bridge, self.ipv6, self.exists = ipr, bridge, frozenset(ipv6), exists
         self.index: int | None = None
         self.up = False
         self.local: set[tuple[str, int]] = set()  # (address, device index) with a local route
@@ -49,7 +53,8 @@ class Readiness:
     def __enter__(self) -> Readiness:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
         self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV6_ROUTE))
-        self._ask()
+        if self.exists:
+            self._ask()
         return self
 
     def __exit__(
