@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
+import bridge_migrate
 from bridge_migrate_testlab import benchdoc
 from bridge_migrate_testlab.benchlab import BASE, SCALE_SHAPES, BenchLab, Shape
 from bridge_migrate_testlab.benchstats import RunRecord, run_record
@@ -224,6 +225,10 @@ class Bench:
         script = Path(sys.executable).parent / "bridge-migrate"
         cli = [str(script)] if script.exists() else [sys.executable, "-m", "bridge_migrate"]
         argv = [*cli, "--state-dir", str(self.tmp / "plan"), "plan", "--json"]
+        # Byte-compiled first, as an installed agent is (pip and dpkg compile at installation):
+        # a checkout run with PYTHONDONTWRITEBYTECODE would compile every module at every start.
+        package = Path(bridge_migrate.__file__).parent
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
         times = []
         for _ in range(min(self.cfg.cold_runs, MAX_RUNS)):
             t0 = time.perf_counter()

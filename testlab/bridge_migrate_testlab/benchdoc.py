@@ -96,7 +96,8 @@ def _generated(result: BenchResult, body: str, picture_note: str) -> str:
         f"- code: commit {m['commit']}",
         f"- runs: agent {cfg.agent_runs}, the others {cfg.runs} each, interleaved; "
         f"{scale}; {cfg.rollback_runs} rollback runs per "
-        f"contender; {cfg.cold_runs} `plan` starts" + (" (--quick)" if cfg.quick else ""),
+        f"contender; {cfg.cold_runs} `plan` starts (a fresh interpreter each, byte-compiled "
+        "first as an installed agent is)" + (" (--quick)" if cfg.quick else ""),
         f"- each run: probing starts, {cfg.lead_s * 1000:.0f} ms later the contender starts; "
         f"probing goes on {cfg.tail_s * 1000:.0f} ms after it ended; then the host is put back "
         f"and the lab left quiet for {cfg.settle_s * 1000:.0f} ms",
