@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bridge_migrate import sandbox
-from bridge_migrate.contract import GRACE
+from bridge_migrate.contract import GRACE, Event, StageName
 from bridge_migrate.failpoints import KILL_AT_ENV
 from bridge_migrate.record import Store, Transaction
 from bridge_migrate_testlab.systemd import Bind, BootedLab, BootSpec
@@ -128,7 +128,19 @@ def test_systemctl_start_migrates_with_status_and_journal_fields(host: Host) -> 
         e for e in host.booted.host.journal("bridge-migrate.service") if "BRIDGE_MIGRATE_PHASE" in e
     ]
     phases = [e["BRIDGE_MIGRATE_PHASE"] for e in records]
-    assert phases == ["snapshot", "plan", "prepare", "batch", "check", "verify", "result"]
+    assert phases == [
+        "snapshot",
+        "plan",
+        "record",
+        "prepare",
+        "batch",
+        "check",
+        "verify",
+        "result",
+    ]
+    events = [Event.from_journal(e) for e in records]
+    batch = next(e for e in events if e is not None and e.name == StageName.BATCH)
+    assert batch.total is not None and batch.acked == batch.total > 0  # typed journal fields
     ids = {e["BRIDGE_MIGRATE_TRANSACTION"] for e in records}
     assert len(ids) == 1 and ids == {host.record().id}  # type: ignore[union-attr]
     assert {(e["BRIDGE_MIGRATE_NIC"], e["BRIDGE_MIGRATE_BRIDGE"]) for e in records} == {
