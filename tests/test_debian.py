@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def test_the_deb_installs_takes_over_through_its_unit_and_purges_clean(
     assert files[0].startswith("/usr/lib/python3/dist-packages/bridge_migrate/")
     assert files[1].startswith("/usr/share/bridge-migrate/vendor/pyroute2/")
     assert all(f.startswith("/usr/lib/python3/dist-packages/") for f in files[2:]), files
-    assert "0.3.0" in _inside(host, ["bridge-migrate", "--version"])
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version in _inside(host, ["bridge-migrate", "--version"])
     assert _inside(host, ["man", "-w", "bridge-migrate.toml"]).strip().endswith(".5.gz")
 
     # The takeover, from the shipped (all-defaults) configuration, through the installed unit.
