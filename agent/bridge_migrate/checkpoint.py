@@ -168,9 +168,9 @@ class Checkpoint:
             for op in added
             if op.dev == plan.target and op.address.family == AF_INET6
         )
-        # Listening before the first send: every event on the way to ready is seen.
         resolve = _Indices(self.ipr, p.snapshot)
         exists = plan.target in resolve.known
+        # Listening before the first send: every event on the way to ready is seen.
         with Readiness(self.ipr, plan.target, ipv6, exists=exists) as readiness:
             made = self.send((plan.prepare,), resolve)
             _require(made)
