@@ -296,7 +296,7 @@ def test_the_check_names_the_device_the_host_would_send_through(lab: Lab) -> Non
         "from bridge_migrate.snapshot import read_host\n"
         "from bridge_migrate.verify import wrong_way\n"
         "with IPRoute() as ipr:\n"
-        "    state = read_host(ipr, 'eth0', 'br0')\n"
+        "    state = read_host('eth0', 'br0')\n"
         "    print(json.dumps([wrong_way(ipr, state, 'eth0', n) for n in ('br0', 'eth0')]))\n"
     )
     done = lab.run(lab.host_ns, [sys.executable, "-c", code], timeout=30)

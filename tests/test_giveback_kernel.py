@@ -35,11 +35,11 @@ from bridge_migrate.snapshot import read_bridge_side, read_host, read_links
 
 mode, bridge, detach = sys.argv[1], sys.argv[2], tuple(sys.argv[3:])
 with IPRoute() as ipr:
-    side = read_bridge_side(ipr, bridge, detach)
+    side = read_bridge_side(bridge, detach)
     nic = side.kept_port(detach)
     refused = port_refusals(side, detach)
     if not refused:
-        state = read_host(ipr, nic.name, bridge)
+        state = read_host(nic.name, bridge)
         refused = giveback_refusals(state, side, detach)
     if refused:
         print(json.dumps({"refused": refused}))

@@ -224,7 +224,7 @@ class Checkpoint:
 
     def check(self, p: Prepared) -> None:
         plan = p.plan
-        diff = differences(p.desired, read_host(self.ipr, plan.nic, plan.bridge))
+        diff = differences(p.desired, read_host(plan.nic, plan.bridge))
         diff += wrong_way(self.ipr, p.snapshot, plan.source, plan.target)
         self.progress.stage(StageName.CHECK, problems=diff)
         if diff:

@@ -1,7 +1,7 @@
 """The way back, as data: a host on a bridge whose one port is the NIC, moved back onto the bare
 NIC, planned from the live host alone (no record). Pure: no I/O here.
 
-`state` is the host read with the NIC as the bridge's port (`snapshot.read_host(ipr, nic,
+`state` is the host read with the NIC as the bridge's port (`snapshot.read_host(nic,
 bridge)`). The planner swaps the two roles and carries what is on the bridge with `plan.carry`,
 so every kind of object moves back by the takeover's own rules, beside the same inverses.
 

@@ -48,12 +48,12 @@ class Prepared:
 
 def read_plan(ipr: IPRoute, req: ApplyRequest, progress: Progress) -> Prepared | None:
     """Snapshot and plan; None when the host is already migrated. Raises Refused."""
-    dumps = dump_links_and_routes(ipr)
+    dumps = dump_links_and_routes()
     nic = choose_nic(dumps, req.nic, req.bridge)
     progress.bind(nic=nic, bridge=req.bridge)
     asked = ask_owners(nic)
     reading = _read_managers(ipr, asked.owners, nic, req.bridge)
-    state = read_host(ipr, nic, req.bridge, dumps)
+    state = read_host(nic, req.bridge, dumps)
     progress.attach("snapshot", state)
     progress.stage(
         StageName.SNAPSHOT, subject=state.nic.name, counts=tuple(carried_counts(state).items())
@@ -113,7 +113,7 @@ def read_giveback(
 ) -> Prepared | None:
     """Snapshot and plan the way back; None when there is no bridge to leave. Raises Refused.
     `guests`: the bridge's ports `attach` made, named in the refusal."""
-    side = read_bridge_side(ipr, req.bridge, req.detach)
+    side = read_bridge_side(req.bridge, req.detach)
     if side.device is None:
         return None
     problems = port_refusals(side, req.detach, guests)
@@ -121,7 +121,7 @@ def read_giveback(
     if problems or nic is None:
         raise Refused("; ".join(problems))
     progress.bind(nic=nic.name, bridge=req.bridge)
-    state = read_host(ipr, nic.name, req.bridge)
+    state = read_host(nic.name, req.bridge)
     progress.attach("snapshot", state)
     progress.stage(
         StageName.SNAPSHOT, subject=req.bridge, counts=tuple(carried_counts(state).items())

@@ -63,7 +63,7 @@ def restore(
     began = time.monotonic()
     undo = managers_around(on_link_first([s.undo for s in reversed(done)]))
     if any(isinstance(op, Readopt) for op in undo):
-        undo = _as_renewed(undo, read_host(ipr, plan.nic, plan.bridge), age)
+        undo = _as_renewed(undo, read_host(plan.nic, plan.bridge), age)
     outcomes: list[Outcome] = []
     seconds = 0.0
     # A bridge that `undo` deleted comes back first, alone: the inverses after it name it.
@@ -77,18 +77,18 @@ def restore(
     result = BatchResult(tuple(outcomes), seconds)
     failures = tuple(o for o in result.outcomes if not (o.ok or already_so(o.op, o.error)))
     told = any(isinstance(op, Readopt) for op in undo)
-    return RestoreResult(result, failures, _settled(ipr, plan, snapshot, age, began, told))
+    return RestoreResult(result, failures, _settled(plan, snapshot, age, began, told))
 
 
 def _settled(
-    ipr: IPRoute, plan: Plan, snapshot: HostState, age: float, began: float, told: bool
+    plan: Plan, snapshot: HostState, age: float, began: float, told: bool
 ) -> tuple[str, ...]:
     """The differences left. A manager told to configure the NIC again may drop what it finds
     and acquire it anew (SLAAC and DHCPv6 take a second or two): it is given a while. Lifetimes
     run on meanwhile (a manager may take seconds): the age is the snapshot's at each reading."""
     deadline = time.monotonic() + (_SETTLE if told else 0.0)
     while True:
-        actual = read_host(ipr, plan.nic, plan.bridge)
+        actual = read_host(plan.nic, plan.bridge)
         now = age + time.monotonic() - began
         found = differences(snapshot, actual, now, managed=told)
         if not found or time.monotonic() >= deadline:

@@ -1,6 +1,7 @@
 """Read the host into a HostState: one dump each of links, addresses, routes, rules, neighbours
 (and proxy entries) and nexthop objects, the per-device settings, kept for the NIC and the
-bridge; and every object bound to the NIC that a move could not carry exactly, named."""
+bridge; and every object bound to the NIC that a move could not carry exactly, named. The dumps
+(dump.py) read the network namespace this process is in."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class Dumps:
     routes: tuple[Fast, ...]
 
 
-def dump_links_and_routes(ipr: IPRoute) -> Dumps:
+def dump_links_and_routes() -> Dumps:
     return Dumps(tuple(dump.links()), dump.routes())
 
 
@@ -100,10 +101,10 @@ _UPPER_FIX = {
 }
 
 
-def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -> HostState:
+def read_host(nic: str, bridge: str, dumps: Dumps | None = None) -> HostState:
     """One dump of each kind (links and routes: `dumps`, if given); the per-device settings
     from /proc/sys."""
-    dumps = dumps or dump_links_and_routes(ipr)
+    dumps = dumps or dump_links_and_routes()
     link_msgs = list(dumps.links)
     links = _links(link_msgs)
     if nic not in links:
@@ -148,10 +149,10 @@ def read_host(ipr: IPRoute, nic: str, bridge: str, dumps: Dumps | None = None) -
     )
 
 
-def read_bridge_side(ipr: IPRoute, bridge: str, detach: tuple[str, ...]) -> BridgeSide:
+def read_bridge_side(bridge: str, detach: tuple[str, ...]) -> BridgeSide:
     """The bridge `undo` would delete, its ports, and what names it that cannot move back onto
     the NIC (the port not in `detach`): the takeover's blockers, with the roles swapped."""
-    link_msgs = list(ipr.get_links())
+    link_msgs = dump.links()
     links = _links(link_msgs)
     device = links.get(bridge)
     ports = tuple(link for link in links.values() if link.master == bridge)
@@ -165,7 +166,7 @@ def read_bridge_side(ipr: IPRoute, bridge: str, detach: tuple[str, ...]) -> Brid
         blockers=(
             *_stacked_on_bridge(link_msgs, device, nic.name),
             *_unsupported_routes(routes, device, nic.name),
-            *_unsupported_rules(list(ipr.get_rules()), bridge, nic.name),
+            *_unsupported_rules(dump.rules(), bridge, nic.name),
             *netfilter.read_nic_rules(bridge, nic.name).blockers,
         ),
     )

@@ -169,7 +169,7 @@ def recipe_inverse(state: HostState, bridge: str) -> list[Command]:
 
 def run_recipe(ipr: IPRoute, nic: str, bridge: str, timeout: float) -> Outcome:
     out, t0 = Outcome("recipe"), time.perf_counter()
-    state = read_host(ipr, nic, bridge)
+    state = read_host(nic, bridge)
     out.phase("snapshot", t0)
     prep, steps = recipe_commands(state, bridge)
     started = time.perf_counter()
@@ -197,7 +197,7 @@ def _all(run: Callable[[Command, Outcome], bool], cmds: Sequence[Command], out: 
 
 def run_unbatched(ipr: IPRoute, nic: str, bridge: str, timeout: float) -> Outcome:
     out, t0 = Outcome("unbatched"), time.perf_counter()
-    state = read_host(ipr, nic, bridge)
+    state = read_host(nic, bridge)
     out.phase("snapshot", t0)
     started = time.perf_counter()
     plan = plan_takeover(state, bridge)
@@ -252,7 +252,7 @@ def _undo(
     out.netlink_ms = 0.0
     failed = run(out)
     netlink = out.netlink_ms
-    after = read_host(ipr, state.nic.name, bridge)
+    after = read_host(state.nic.name, bridge)
     diff = _differences(state, after)
     total = (time.perf_counter() - started) * 1000
     out.undo = Undo(count, failed, netlink, total, diff)
@@ -401,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = run_recipe if a.contender == "recipe" else run_unbatched
     with IPRoute() as ipr:
         if a.print:
-            prep, steps = recipe_commands(read_host(ipr, a.nic, a.bridge), a.bridge)
+            prep, steps = recipe_commands(read_host(a.nic, a.bridge), a.bridge)
             lines = ["# preparation, as the agent's", *(" ".join(c.argv) for c in prep)]
             lines += ["# the change, one process each", *(" ".join(c.argv) for c in steps)]
             print("\n".join(lines))
