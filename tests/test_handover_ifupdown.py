@@ -23,6 +23,7 @@ import pytest
 
 from bridge_migrate.contract import ExitCode
 from bridge_migrate.handover.clients import dhclient_duid, dhclient_latest
+from bridge_migrate_testlab.lab import DHCP_LEASE_SECONDS
 from bridge_migrate_testlab.managed import (
     ManagedLab,
     ManagedRow,
@@ -98,6 +99,13 @@ def _lease_of(booted: ManagedLab, mac: str) -> tuple[str, str, int]:
     return lease.address, lease.client_id, lease.expiry
 
 
+def _past_the_grant(expiry: int) -> None:
+    """Wait into the second after the lease was granted: dnsmasq counts whole seconds, so a
+    renewal within the grant's second would leave the expiry as it was."""
+    granted = expiry - DHCP_LEASE_SECONDS
+    time.sleep(min(1.1, max(0.0, granted + 1 - time.time())))
+
+
 def _reload(booted: ManagedLab, n: int) -> None:
     """`ifdown br0; ifup br0` as a unit of the host (the client ifup starts stays in it)."""
     booted.host.run(
@@ -121,6 +129,8 @@ def test_ifupdown_sees_br0_and_the_client_keeps_its_lease(r: ManagedRow) -> None
         before = read_view(booted.lab.host_ns)
         leased = _lease_of(booted, mac) if r.dhcp else None
         eth0_duid = dhclient_duid(_text(booted, "/var/lib/dhcp/dhclient.eth0.leases") or "")
+        if leased is not None:
+            _past_the_grant(leased[2])
 
         apply = _agent(booted, "apply", "--timeout", "20")
         assert apply.returncode == ExitCode.OK, apply.stdout + apply.stderr
@@ -301,6 +311,7 @@ def test_clients_run_by_hand_move_to_br0_and_back_with_their_leases() -> None:
         owned = global_addresses(booted, "eth0")
         assert any(a.endswith("/128") for a in owned), owned  # a DHCPv6 lease
         leased = _lease_of(booted, mac)
+        _past_the_grant(leased[2])
 
         apply = _agent(booted, "apply", "--timeout", "20")
         assert apply.returncode == ExitCode.OK, apply.stdout + apply.stderr

@@ -63,6 +63,7 @@ _KILL_ROUNDS = 10  # processes may fork while we kill them
 # What Lab(dhcp=True) leases: beside the fixed addresses of LabAddresses, never overlapping.
 DHCP_V4_FIRST, DHCP_V4_LAST = "198.18.0.100", "198.18.0.149"
 DHCP_V6_FIRST, DHCP_V6_LAST = 0x1000, 0x1FFF  # host parts in the host's /64
+DHCP_LEASE_SECONDS = 120  # short, so that tests and soaks see renewals
 
 
 def _tool(name: str) -> str:
@@ -440,10 +441,13 @@ class Lab:
         argv = [_tool("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null", "--port=0"]
         argv += [f"--interface={br}", "--bind-interfaces", "--user=root", "--log-facility=-"]
         argv += [f"--dhcp-leasefile={self._leases}/leases", f"--pid-file={self._leases}/pid"]
-        argv += [f"--dhcp-range={DHCP_V4_FIRST},{DHCP_V4_LAST},2m", f"--dhcp-option=3,{a.gw_v4}"]
+        argv += [
+            f"--dhcp-range={DHCP_V4_FIRST},{DHCP_V4_LAST},{DHCP_LEASE_SECONDS}",
+            f"--dhcp-option=3,{a.gw_v4}",
+        ]
         argv += ["--dhcp-authoritative", "--enable-ra"]
         first, last = v6_net[DHCP_V6_FIRST], v6_net[DHCP_V6_LAST]
-        argv += [f"--dhcp-range={first},{last},slaac,{a.v6_prefixlen},2m"]
+        argv += [f"--dhcp-range={first},{last},slaac,{a.v6_prefixlen},{DHCP_LEASE_SECONDS}"]
         self.popen(self.lan_ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         listening = f"{self._leases}/pid"
         deadline = time.monotonic() + _CMD_TIMEOUT
