@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge_migrate.events import printable
-from bridge_migrate.verify import ProbeSyntaxError, parse_probe
+from bridge_migrate.probes import ProbeSyntaxError, parse_probe
 from bridge_migrate_testlab import Lab
 from conftest import Agent
 from hostview import assert_unchanged, read_view

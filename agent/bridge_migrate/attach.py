@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bridgefilter, guestbook, lanprobe
@@ -28,9 +28,10 @@ from .errors import Refused
 from .guest import Guest, GuestSpec, entered, resolved, with_netlink
 from .model import IFA_F_NODAD
 from .preflight import check_root
+from .probes import Probe, ProbeKind
 from .progress import Progress
 from .record import Store
-from .verify import Probe, ProbeKind, run_probes
+from .verify import run_probes
 
 IFF_UP = 0x1
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from types import FrameType
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from . import deadman
 from .batch import BatchResult, Outcome, send_batch

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import assert_never
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from . import detach, guestbook
 from .config import DEFAULT_PATH, Config, load_config, where
@@ -30,9 +30,9 @@ from .events import printable
 from .plan import RewriteFirewall, WriteConfig
 from .preflight import check_name, check_timeout
 from .prepare import ApplyRequest, read_plan
+from .probes import Probe, ProbeSyntaxError, parse_probe
 from .progress import Output, Progress
 from .record import Store, Transaction, check_id, current_boot_id
-from .verify import Probe, ProbeSyntaxError, parse_probe
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, TypeVar, assert_never
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from .errors import Refused, UsageError
 

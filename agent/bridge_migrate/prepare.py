@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from . import handover
 from .contract import StageName
@@ -20,10 +20,10 @@ from .owner import describe as describe_ownership
 from .owner import refusals as unmanageable
 from .plan import Plan, carried_counts, is_migrated, plan_takeover
 from .preflight import choose_nic, refusals
+from .probes import Probe, gateway_probes
 from .progress import Progress
 from .simulate import simulate
 from .snapshot import dump_links_and_routes, read_bridge_side, read_host
-from .verify import Probe, gateway_probes
 
 
 @dataclass(frozen=True)

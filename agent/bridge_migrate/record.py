@@ -46,7 +46,7 @@ from .giveback import plan_giveback
 from .model import HostState
 from .plan import Direction, Plan, plan_takeover
 from .preflight import check_name
-from .verify import Probe
+from .probes import Probe
 
 RECORD = "record"
 FORMAT = 3  # 3: the plan's recipe instead of the plan (a third of the size)

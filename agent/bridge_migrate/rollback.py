@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import assert_never
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from .batch import BatchResult, Outcome, send_batch
 from .compare import differences

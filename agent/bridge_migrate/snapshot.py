@@ -9,7 +9,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from . import dump, netfilter, sysctl
 from .dump import Fast

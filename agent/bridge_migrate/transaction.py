@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from . import deadman, guestbook, handover

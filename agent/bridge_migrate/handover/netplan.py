@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
 from jeepney import DBusAddress
 from jeepney.io.blocking import DBusConnection
 
@@ -202,6 +201,8 @@ def adoption(view: NetplanView, state: HostState, bridge: str) -> NetplanAdoptio
 
 def _documents(view: NetplanView) -> list[tuple[str, dict[str, Any]]] | str:
     """The files netplan reads (a name in /run hides it in /etc, ...), each parsed."""
+    import yaml  # here: only a netplan host pays for it, not every start (about 20 ms)
+
     effective: dict[str, tuple[str, FileState]] = {}
     for path, st in view.yaml:
         if st.text is not None:
@@ -313,21 +314,21 @@ def _dhcp(moved: dict[str, Any]) -> bool:
     return any(str(moved.get(k, "")).lower() in _TRUE for k in ("dhcp4", "dhcp6"))
 
 
-# Every scalar is a string that needs no tag (as BaseLoader read it): with no implicit resolvers
-# the emitter writes each one plain wherever YAML allows it, so `true`, `0` and MACs come out as
-# they were read, not quoted.
-_Dumper: Any = type("_Dumper", (yaml.SafeDumper,), {"yaml_implicit_resolvers": {}})
-
-
 def _render(before: str, doc: dict[str, Any]) -> str:
     """The document as YAML, under the comment lines that opened the file before."""
+    import yaml  # as in _documents
+
+    # Every scalar is a string that needs no tag (as BaseLoader read it): with no implicit
+    # resolvers the emitter writes each one plain wherever YAML allows it, so `true`, `0` and
+    # MACs come out as they were read, not quoted.
+    dumper: Any = type("_Dumper", (yaml.SafeDumper,), {"yaml_implicit_resolvers": {}})
     lead = []
     for line in before.splitlines(keepends=True):
         if line.startswith("#") or not line.strip():
             lead.append(line)
         else:
             break
-    body = str(yaml.dump(doc, Dumper=_Dumper, default_flow_style=False, sort_keys=False, width=100))
+    body = str(yaml.dump(doc, Dumper=dumper, default_flow_style=False, sort_keys=False, width=100))
     header = "".join(lead)
     if header and not header.endswith("\n"):
         header += "\n"

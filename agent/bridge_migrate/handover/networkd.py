@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from jeepney import DBusAddress
 from jeepney.io.blocking import DBusConnection
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from ..bus import BusError, call, system_bus
 from ..model import HostState

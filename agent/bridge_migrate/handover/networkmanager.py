@@ -38,7 +38,7 @@ from typing import Any
 
 from jeepney import DBusAddress
 from jeepney.io.blocking import DBusConnection
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from ..bus import DBUS, BusError, call, prop, system_bus
 from ..model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState
