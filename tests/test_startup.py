@@ -22,7 +22,9 @@ def _loaded_by(code: str) -> set[str]:
 
 def test_the_cli_loads_neither_all_of_pyroute2_nor_what_changes_the_host() -> None:
     loaded = _loaded_by("import bridge_migrate.cli")
-    assert "pyroute2.iproute.linux" in loaded and "pyroute2.netlink.rtnl.ifinfmsg" in loaded
+    assert "pyroute2.netlink.rtnl.ifinfmsg" in loaded, "the dumps' decoders"
+    sockets = {"pyroute2.iproute.linux", "pyroute2.netlink.nlsocket", "asyncio"}
+    assert not loaded & sockets, "`plan` reads by dumps: no IPRoute, no event loop"
     protocols = {"pyroute2.ipdb", "pyroute2.ndb.main", "pyroute2.conntrack", "pyroute2.wiset"}
     assert not loaded & protocols, "pyroute2's package __init__ ran"
     assert not loaded & {"yaml", "tenacity"}, "a netplan host's parser, the probes' retries"

@@ -13,8 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import assert_never
 
-from pyroute2.iproute.linux import IPRoute
-
 from . import detach, guestbook
 from .config import DEFAULT_PATH, Config, load_config, where
 from .contract import (
@@ -313,8 +311,7 @@ def _unit_argv(args: argparse.Namespace, req: ApplyRequest) -> list[str]:
 
 
 def _plan(req: ApplyRequest, progress: Progress) -> ExitCode:
-    with IPRoute() as ipr:
-        prepared = read_plan(ipr, req, progress)
+    prepared = read_plan(req, progress)
     if prepared is None:
         progress.finish(ExitCode.OK, "already migrated", "nothing to do")
         return ExitCode.OK

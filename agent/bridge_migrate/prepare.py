@@ -7,14 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pyroute2.iproute.linux import IPRoute
-
 from . import handover
 from .contract import StageName
 from .errors import Refused
 from .giveback import giveback_notes, giveback_refusals, plan_giveback, port_refusals
 from .handover.files import FileError
-from .model import HostState
+from .model import HostState, Link
 from .owner import Owner, ask_owners, handover_refused, ownership
 from .owner import describe as describe_ownership
 from .owner import refusals as unmanageable
@@ -46,14 +44,14 @@ class Prepared:
     probes: tuple[Probe, ...]
 
 
-def read_plan(ipr: IPRoute, req: ApplyRequest, progress: Progress) -> Prepared | None:
+def read_plan(req: ApplyRequest, progress: Progress) -> Prepared | None:
     """Snapshot and plan; None when the host is already migrated. Raises Refused."""
     dumps = dump_links_and_routes()
     nic = choose_nic(dumps, req.nic, req.bridge)
     progress.bind(nic=nic, bridge=req.bridge)
     asked = ask_owners(nic)
-    reading = _read_managers(ipr, asked.owners, nic, req.bridge)
     state = read_host(nic, req.bridge, dumps)
+    reading = _read_managers(asked.owners, state.nic, req.bridge)
     progress.attach("snapshot", state)
     progress.stage(
         StageName.SNAPSHOT, subject=state.nic.name, counts=tuple(carried_counts(state).items())
@@ -98,18 +96,15 @@ def _handover_notes(views: tuple[handover.View, ...], state: HostState, bridge: 
     return [n for h in planned if not isinstance(h, str) for n in h.notes]
 
 
-def _read_managers(
-    ipr: IPRoute, owners: tuple[Owner, ...], nic: str, bridge: str
-) -> handover.Reading:
-    (link,) = ipr.link_lookup(ifname=nic) or (0,)
+def _read_managers(owners: tuple[Owner, ...], nic: Link, bridge: str) -> handover.Reading:
     try:
-        return handover.read(owners, nic, bridge, link)
+        return handover.read(owners, nic.name, bridge, nic.index)
     except FileError as e:
         raise Refused(str(e)) from None
 
 
 def read_giveback(
-    ipr: IPRoute, req: ApplyRequest, progress: Progress, guests: Mapping[str, str] | None = None
+    req: ApplyRequest, progress: Progress, guests: Mapping[str, str] | None = None
 ) -> Prepared | None:
     """Snapshot and plan the way back; None when there is no bridge to leave. Raises Refused.
     `guests`: the bridge's ports `attach` made, named in the refusal."""

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
-from typing import Any
-
-from pyroute2.iproute.linux import IPRoute
+from typing import TYPE_CHECKING, Any
 
 from . import dump, netfilter, sysctl
 from .dump import Fast
@@ -30,6 +28,9 @@ from .model import (
     Rule,
     RuleValue,
 )
+
+if TYPE_CHECKING:  # `plan` reads the host by dumps and loads no netlink socket layer
+    from pyroute2.iproute.linux import IPRoute
 
 Msg = Any  # a pyroute2 netlink message: untyped by the library
 

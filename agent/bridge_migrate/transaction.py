@@ -49,7 +49,7 @@ def undo(req: ApplyRequest, store: Store, progress: Progress) -> ExitCode:
     return _transact(req, store, progress, read, at_boot=False)
 
 
-Reader = Callable[[IPRoute, ApplyRequest, Progress], Prepared | None]
+Reader = Callable[[ApplyRequest, Progress], Prepared | None]
 
 
 def _transact(
@@ -61,7 +61,7 @@ def _transact(
     with store.lock(), _without_collector_pauses():
         _check_previous(store, progress, at_boot)
         with IPRoute() as ipr:
-            prepared = read(ipr, req, progress)
+            prepared = read(req, progress)
             if prepared is None:
                 progress.finish(ExitCode.OK, ALREADY_MIGRATED, "nothing to do")
                 return ExitCode.OK

@@ -52,7 +52,6 @@ from pathlib import Path, PurePosixPath
 
 from jeepney import DBusAddress
 from jeepney.io.blocking import DBusConnection
-from pyroute2.iproute.linux import IPRoute
 
 from ..bus import BusError, call, prop, socket_exists, system_bus
 from ..model import AF_INET, HostState
@@ -1026,6 +1025,8 @@ def _dhclient_refresh(interface: str, lease: DhclientLease) -> None:
     left = lease.expiry - int(time.time())
     if left <= 0:
         return
+    from pyroute2.iproute.linux import IPRoute  # here: `plan` loads no netlink socket layer
+
     with IPRoute() as ipr:
         (index,) = ipr.link_lookup(ifname=interface) or (0,)
         if not index:

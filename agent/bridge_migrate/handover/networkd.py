@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 
 from jeepney import DBusAddress
 from jeepney.io.blocking import DBusConnection
-from pyroute2.iproute.linux import IPRoute
 
 from ..bus import BusError, call, system_bus
 from ..model import HostState
@@ -191,6 +190,8 @@ def adopt(a: NetworkdAdoption, until: float) -> None:
     """Reload: networkd reads the new files and configures the bridge it finds. It takes the
     existing bridge as its netdev but counts it ready only on news of the link, which a reload
     does not bring: a change to the bridge's own setting (STP off, as it is) brings it."""
+    from pyroute2.iproute.linux import IPRoute  # here: `plan` loads no netlink socket layer
+
     _reload(until)
     with IPRoute() as ipr:
         (index,) = ipr.link_lookup(ifname=a.bridge) or (0,)

@@ -38,7 +38,6 @@ from typing import Any
 
 from jeepney import DBusAddress
 from jeepney.io.blocking import DBusConnection
-from pyroute2.iproute.linux import IPRoute
 
 from ..bus import DBUS, BusError, call, prop, system_bus
 from ..model import AF_INET, AF_INET6, RT_TABLE_MAIN, Address, HostState
@@ -540,6 +539,8 @@ def readopt(a: NetworkManagerAdoption, until: float) -> None:
 
 
 def _restart_assuming(want: dict[str, str], until: float) -> None:
+    from pyroute2.iproute.linux import IPRoute  # here: `plan` loads no netlink socket layer
+
     _unit("StopUnit", until)
     with IPRoute() as ipr:
         for device, profile in want.items():
