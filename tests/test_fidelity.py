@@ -4,6 +4,7 @@ own reader."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -292,12 +293,10 @@ def test_the_check_names_the_device_the_host_would_send_through(lab: Lab) -> Non
     through eth0, and each is named, with eth0."""
     code = (
         "import json\n"
-        "from pyroute2 import IPRoute\n"
         "from bridge_migrate.snapshot import read_host\n"
         "from bridge_migrate.verify import wrong_way\n"
-        "with IPRoute() as ipr:\n"
-        "    state = read_host('eth0', 'br0')\n"
-        "    print(json.dumps([wrong_way(ipr, state, 'eth0', n) for n in ('br0', 'eth0')]))\n"
+        "state = read_host('eth0', 'br0')\n"
+        "print(json.dumps([wrong_way(state, state, 'eth0', n) for n in ('br0', 'eth0')]))\n"
     )
     done = lab.run(lab.host_ns, [sys.executable, "-c", code], timeout=30)
     assert done.returncode == 0, done.stderr
@@ -305,6 +304,35 @@ def test_the_check_names_the_device_the_host_would_send_through(lab: Lab) -> Non
     assert through_eth0 == []
     assert found and all(line.endswith("via eth0, not br0") for line in found)
     assert any(lab.addrs.gw_v4 in line for line in found), found
+
+
+def test_routes_to_answers_as_ip_route_get_does(lab: Lab) -> None:
+    """dump.routes_to (the check's RTM_GETROUTE, every request in one send): for each address
+    the device `ip route get` names, or the kernel's error, each in its place."""
+    lab.ip_batch(
+        lab.host_ns, ["route add unreachable 203.0.113.0/24", "route add prohibit 2001:db8:77::/64"]
+    )
+    asked = [lab.addrs.gw_v4, "203.0.113.5", lab.addrs.gw_v6, "127.0.0.1", "2001:db8:77::1"]
+    code = (
+        "import json, sys\n"
+        "from bridge_migrate import dump\n"
+        "answers = dump.routes_to(sys.argv[1:])\n"
+        "print(json.dumps([['errno', a.errno] if isinstance(a, OSError) else ['oif', a]"
+        " for a in answers]))\n"
+    )
+    done = lab.run(lab.host_ns, [sys.executable, "-c", code, *asked], timeout=30)
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout)
+    links = json.loads(lab.run(lab.host_ns, ["ip", "-j", "link", "show"], check=True).stdout)
+    index = {link["ifname"]: link["ifindex"] for link in links}
+    for dst, answer in zip(asked, answers, strict=True):
+        got = lab.run(lab.host_ns, ["ip", "-j", "route", "get", dst])
+        if got.returncode == 0:
+            assert answer == ["oif", index[json.loads(got.stdout)[0]["dev"]]], (dst, answer)
+        else:
+            assert answer[0] == "errno", (dst, answer)
+    assert answers[1] == ["errno", errno.EHOSTUNREACH], answers
+    assert answers[4] == ["errno", errno.EACCES], answers
 
 
 def test_route_dump_decodes_as_pyroute2_does(lab: Lab) -> None:

@@ -224,12 +224,14 @@ class Checkpoint:
 
     def check(self, p: Prepared) -> None:
         plan = p.plan
-        diff = differences(p.desired, read_host(plan.nic, plan.bridge))
-        diff += wrong_way(self.ipr, p.snapshot, plan.source, plan.target)
+        current = read_host(plan.nic, plan.bridge)
+        diff = differences(p.desired, current)
+        diff += wrong_way(current, p.snapshot, plan.source, plan.target)
         self.progress.stage(StageName.CHECK, problems=diff)
         if diff:
             raise StepFailed("host does not match the plan: " + "; ".join(diff))
-        self.mark(Phase.VERIFYING)
+        # Not synced: after a crash, `applying` (the slot before) leads to the same rollback.
+        self.mark(Phase.VERIFYING, sync=False)
         boundary("verifying")
 
     def verify(self, results: tuple[ProbeResult, ...], deadline: Deadline) -> None:
@@ -281,9 +283,9 @@ class Checkpoint:
 
     # -- the record and the dead man ------------------------------------------------------
 
-    def mark(self, phase: Phase, detail: str = "", **changes: object) -> None:
+    def mark(self, phase: Phase, detail: str = "", *, sync: bool = True, **changes: object) -> None:
         tx = replace(self.tx.at(phase, time.time(), detail), **changes)  # type: ignore[arg-type]
-        self.store.save(tx)
+        self.store.save(tx, sync=sync)
         self.tx = tx
 
     def record_if_possible(self, phase: Phase, detail: str) -> str:

@@ -6,9 +6,11 @@ it; any other (multipath, nexthop objects, encapsulations, ...) by pyroute2 itse
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
@@ -169,6 +171,50 @@ def _metrics(data: bytes) -> list[tuple[str, int]] | None:
             return None
         found.append((_METRICS[kind], _u32(value)))
     return found
+
+
+RTA_DST, RTA_OIF = 1, 4
+
+
+def routes_to(destinations: Sequence[str]) -> list[int | OSError]:
+    """How the host routes to each address now, as `ip route get` asks (RTM_GETROUTE): the
+    outgoing device's index, or the error the kernel answered. Every request in one send."""
+    requests = []
+    for seq, dst in enumerate(destinations, start=1):
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        address = socket.inet_pton(family, dst)
+        attr = _ATTR.pack(_ATTR.size + len(address), RTA_DST) + address
+        body = _RTMSG.pack(family, len(address) * 8, 0, 0, 0, 0, 0, 0, 0) + attr
+        requests.append(_HEADER.pack(_HEADER.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0))
+        requests.append(body)
+    answers: dict[int, int | OSError] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(_TIMEOUT)
+        sock.bind((0, 0))
+        sock.send(b"".join(requests))
+        while len(answers) < len(destinations):
+            for msg_type, seq, body in _messages(sock.recv(1 << 16)):
+                answers[seq] = _oif_or_error(msg_type, body)
+    return [answers[seq] for seq in range(1, len(destinations) + 1)]
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, sequence number, payload) of each message in one datagram."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, msg_type, _flags, seq, _pid = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size:
+            return
+        yield msg_type, seq, data[offset + _HEADER.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _oif_or_error(msg_type: int, body: bytes) -> int | OSError:
+    if msg_type == NLMSG_ERROR:
+        (error,) = struct.unpack_from("=i", body)
+        return OSError(-error, os.strerror(-error))
+    oif = dict(_attrs(body[_RTMSG.size :])).get(RTA_OIF)
+    return _u32(oif) if oif is not None else OSError(errno.ENODEV, "the route names no device")
 
 
 def nexthop_objects() -> list[tuple[int, int]]:

@@ -178,8 +178,10 @@ class Store:
         finally:
             os.close(dirfd)
 
-    def save(self, tx: Transaction) -> None:
-        """Record the phase, deadline, dead man and detail of `tx`: one slot, in place."""
+    def save(self, tx: Transaction, *, sync: bool = True) -> None:
+        """Record the phase, deadline, dead man and detail of `tx`: one slot, in place.
+        `sync=False` for a slot a crash may lose: one whose phase is recovered from as the
+        slot before it is (verifying, after applying)."""
         dirfd = self._open_directory(create=False)
         if dirfd is None:
             raise RecordError(f"{self.directory} has gone: cannot record {tx.phase}")
@@ -194,7 +196,8 @@ class Store:
                     raise RecordError(f"{self.path} no longer records transaction {tx.id}")
                 status = _status_of(tx, latest.seq + 1)
                 _write_all(fd, _encode_slot(status), _slot_offset(status.seq))
-                os.fdatasync(fd)
+                if sync:
+                    os.fdatasync(fd)
             finally:
                 os.close(fd)
         except OSError as e:

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pyroute2.iproute.linux import IPRoute
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_when_event_set, wait_fixed
 from tenacity.stop import stop_base
 
+from . import dump
 from .model import AF_INET, AF_INET6, RT_TABLE_MAIN, HostState
 from .probes import Probe
 
@@ -229,28 +229,26 @@ def _await(s: socket.socket, wait: float, matches: Callable[[bytes], bool]) -> b
 _ASKERS: dict[str, type[_Asker]] = {"arp": _ArpAsker, "icmp": _IcmpAsker, "tcp": _TcpAsker}
 
 
-def wrong_way(ipr: IPRoute, snapshot: HostState, source: str, target: str) -> tuple[str, ...]:
+def wrong_way(current: HostState, snapshot: HostState, source: str, target: str) -> tuple[str, ...]:
     """Ask the kernel (RTM_GETROUTE) how the host itself now reaches each next hop it had on
     `source` and each prefix moved from it: through anything but `target`, its traffic would
-    go out of the wrong device (a bridge port, or a bridge about to go)."""
+    go out of the wrong device (a bridge port, or a bridge about to go). `current`: the host
+    as just read, which has `target`'s index."""
+    through = {link.name: link.index for link in (current.nic, current.bridge) if link}.get(target)
+    targets = _route_targets(snapshot, source)
     found = []
-    (through,) = ipr.link_lookup(ifname=target) or (None,)
-    for dst in _route_targets(snapshot, source):
-        try:
-            (answer,) = ipr.route("get", dst=dst)
-        except (OSError, ValueError) as e:
-            found.append(f"the host has no route to {dst}: {e}")
-            continue
-        if (oif := answer.get("RTA_OIF")) != through:
-            found.append(f"the host sends to {dst} via {_name(ipr, oif)}, not {target}")
+    for dst, answer in zip(targets, dump.routes_to(targets), strict=True):
+        if isinstance(answer, OSError):
+            found.append(f"the host has no route to {dst}: {answer}")
+        elif answer != through:
+            found.append(f"the host sends to {dst} via {_name(answer)}, not {target}")
     return tuple(found)
 
 
-def _name(ipr: IPRoute, index: int | None) -> str | None:
-    """A device's name, asked for by index (one request, not a dump)."""
-    if index is None:
-        return None
-    return next((link.get("IFLA_IFNAME") for link in ipr.get_links(index)), str(index))
+def _name(index: int) -> str:
+    """A device's name (a dump: asked only when the check has already failed)."""
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in dump.links()}
+    return str(names.get(index, index))
 
 
 def _route_targets(snapshot: HostState, source: str) -> list[str]:
