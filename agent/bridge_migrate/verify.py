@@ -256,14 +256,12 @@ def _route_targets(snapshot: HostState, source: str) -> list[str]:
     prefix that is not the host's own."""
     own = {a.address for _, a in snapshot.addresses}
     # A link-local next hop names no device by itself: the probe bound to the bridge covers it.
-    targets = [
+    hops = dict.fromkeys(  # a thousand routes have a handful of next hops: each parsed once
         r.next_hop
         for r in snapshot.routes_on(source)
-        if r.next_hop
-        and r.table == RT_TABLE_MAIN
-        and r.family == _family_of(r.next_hop)
-        and not ipaddress.ip_address(r.next_hop).is_link_local
-    ]
+        if r.next_hop and r.table == RT_TABLE_MAIN and r.family == _family_of(r.next_hop)
+    )
+    targets = [h for h in hops if not ipaddress.ip_address(h).is_link_local]
     for a in snapshot.addresses_on(source):
         if not a.is_global:
             continue
