@@ -374,9 +374,14 @@ _CLIENTS = {"dhclient": Manager.DHCLIENT, "dhcpcd": Manager.DHCPCD}
 
 
 def _processes() -> list[tuple[int, list[str]]]:
-    """(pid, command line) of every process we can see, oldest first."""
-    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    return [(pid, _cmdline(pid)) for pid in pids]
+    """(pid, command line) of every process we can see, oldest first. Read relative to /proc
+    with plain system calls: a host runs hundreds of processes, and this is before the change."""
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        pids = sorted(int(p) for p in os.listdir(proc) if p.isdigit())
+        return [(pid, _cmdline(proc, pid)) for pid in pids]
+    finally:
+        os.close(proc)
 
 
 def _clients(nic: str, procs: list[tuple[int, list[str]]]) -> list[Owner]:
@@ -403,11 +408,17 @@ def _joined(a: Owner, b: Owner) -> Owner:
     return Owner(a.manager, f"{a.source}; {b.source}", addressing)
 
 
-def _cmdline(pid: int) -> list[str]:
+def _cmdline(proc: int, pid: int) -> list[str]:
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        fd = os.open(f"{pid}/cmdline", os.O_RDONLY, dir_fd=proc)
     except OSError:
         return []  # gone, or not ours to read
+    try:
+        raw = b"".join(iter(lambda: os.read(fd, 4096), b""))
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
     words = raw.rstrip(b"\0").decode(errors="replace").split("\0")
     # dhcpcd retitles its processes ("dhcpcd: eth0 [ip4]"): one word with spaces.
     return words[0].split() if len(words) == 1 else words
