@@ -87,8 +87,8 @@ class Progress:
                     "phases": [{**s.to_data(), "detail": describe(s)} for s in self.stages],
                     **{k: serde.to_data(v) for k, v in self.extra.items()},
                 }
-                json.dump(doc, self.out, indent=1)
-                print(file=self.out, flush=True)
+                # One write: json.dump writes each of its (hundreds of thousands of) pieces.
+                print(json.dumps(doc, indent=1), file=self.out, flush=True)
             case Output.TEXT:
                 self._print(f"{result}: {message}" if message else result)
             case Output.EVENTS:
