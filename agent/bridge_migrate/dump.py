@@ -193,19 +193,19 @@ def routes_to(destinations: Sequence[str]) -> list[int | OSError]:
         sock.bind((0, 0))
         sock.send(b"".join(requests))
         while len(answers) < len(destinations):
-            for msg_type, seq, body in _messages(sock.recv(1 << 16)):
-                answers[seq] = _oif_or_error(msg_type, body)
+            for msg_type, seq, message in _messages(sock.recv(1 << 16)):
+                answers[seq] = _oif_or_error(msg_type, message[_HEADER.size :])
     return [answers[seq] for seq in range(1, len(destinations) + 1)]
 
 
 def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, sequence number, payload) of each message in one datagram."""
+    """(type, sequence number, the message with its header) of each message in a datagram."""
     offset = 0
     while offset + _HEADER.size <= len(data):
         length, msg_type, _flags, seq, _pid = _HEADER.unpack_from(data, offset)
         if length < _HEADER.size:
-            return
-        yield msg_type, seq, data[offset + _HEADER.size : offset + length]
+            raise OSError(errno.EBADMSG, f"a netlink message of {length} bytes")
+        yield msg_type, seq, data[offset : offset + length]
         offset += (length + 3) & ~3
 
 
@@ -235,19 +235,15 @@ def _dump(kind: int, payload: bytes) -> Iterator[bytes]:
         header = _HEADER.pack(_HEADER.size + len(payload), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
         sock.send(header + payload)
         while True:
-            data = sock.recv(1 << 20)
-            offset = 0
-            while offset + _HEADER.size <= len(data):
-                length, msg_type, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
-                if msg_type == NLMSG_DONE or length < _HEADER.size:
+            for msg_type, _seq, message in _messages(sock.recv(1 << 20)):
+                if msg_type == NLMSG_DONE:
                     return
                 if msg_type == NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                    (error,) = struct.unpack_from("=i", message, _HEADER.size)
                     if error in (0, -95):  # EOPNOTSUPP: a kernel without nexthop objects
                         return
                     raise OSError(-error, f"netlink dump {kind} failed")
-                yield data[offset : offset + length]
-                offset += (length + 3) & ~3
+                yield message
 
 
 def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
