@@ -122,9 +122,7 @@ def read_host(nic: str, bridge: str, dumps: Dumps | None = None) -> HostState:
         nic=links[nic],
         bridge=links.get(bridge),
         addresses=tuple(
-            (wanted[m["index"]], _address(Fast.of(m)))
-            for m in dump.addresses()
-            if m["index"] in wanted
+            (wanted[m["index"]], _address(m)) for m in dump.addresses() if m["index"] in wanted
         ),
         routes=tuple(
             _route(m, wanted)
