@@ -10,7 +10,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
@@ -48,7 +48,7 @@ def addresses() -> tuple[Fast, ...]:
     makes, SLAAC's and DHCP's included) by struct, in a few microseconds; any other by pyroute2.
     A host with many addresses is read twice per takeover: before, and in the check."""
     request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-    return tuple(_address(body) for body in _dump(RTM_GETADDR, request))
+    return tuple(_fast(body, _plain_address, ifaddrmsg) for body in _dump(RTM_GETADDR, request))
 
 
 _IFADDRMSG = struct.Struct("=BBBBI")
@@ -59,15 +59,6 @@ _PLAIN_ADDRESS_U32 = {8: "IFA_FLAGS", 9: "IFA_RT_PRIORITY"}
 IFA_LABEL, IFA_CACHEINFO, IFA_PROTO = 3, 6, 11
 _IFA_CACHEINFO = struct.Struct("=" + "".join(kind for _, kind in ifaddrmsg.cacheinfo.fields))
 _IFA_CACHEINFO_NAMES = tuple(name for name, _ in ifaddrmsg.cacheinfo.fields)
-
-
-def _address(message: bytes) -> Fast:
-    plain = _plain_address(message)
-    if plain is not None:
-        return plain
-    msg = ifaddrmsg(message)
-    msg.decode()
-    return Fast.of(msg)
 
 
 def _plain_address(message: bytes) -> Fast | None:
@@ -169,7 +160,7 @@ def routes() -> tuple[Fast, ...]:
     """Every route of every table and family, as pyroute2's IPRoute.get_routes() gives them
     (family 255: the kernel answers AF_UNSPEC with IPv4 alone)."""
     request = _RTMSG.pack(255, 0, 0, 0, 0, 0, 0, 0, 0)
-    return tuple(_route(body) for body in _dump(RTM_GETROUTE, request))
+    return tuple(_fast(body, _plain_route, rtmsg) for body in _dump(RTM_GETROUTE, request))
 
 
 _RTMSG = struct.Struct("=BBBBBBBBI")
@@ -185,11 +176,12 @@ _CACHEINFO = struct.Struct("=" + "".join(kind for _, kind in rtmsg.cacheinfo.fie
 _CACHEINFO_NAMES = tuple(name for name, _ in rtmsg.cacheinfo.fields)
 
 
-def _route(message: bytes) -> Fast:
-    plain = _plain_route(message)
-    if plain is not None:
-        return plain
-    msg = rtmsg(message)
+def _fast(message: bytes, plain: Callable[[bytes], Fast | None], full: Any) -> Fast:
+    """Decoded by struct if `plain` knows every attribute, else by pyroute2's class `full`."""
+    found = plain(message)
+    if found is not None:
+        return found
+    msg = full(message)
     msg.decode()
     return Fast.of(msg)
 
