@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from bridge_migrate_testlab import Lab
 
 
 def _run(code: str) -> str:
@@ -49,3 +54,20 @@ def test_pyroute2_is_whole_for_whoever_asks_for_more() -> None:
 def test_a_program_that_imported_pyroute2_first_keeps_its_own() -> None:
     loaded = _loaded_by("import pyroute2\nimport bridge_migrate.cli")
     assert "pyroute2.ndb.main" in loaded  # the package ran its __init__, as it was asked to
+
+
+@pytest.mark.root
+def test_a_plan_run_loads_no_netlink_socket_layer(lab: Lab, tmp_path: Path) -> None:
+    """Not only the import: a whole `plan` of the lab host reads by dumps alone."""
+    code = (
+        "import json, sys\n"
+        "from bridge_migrate.cli import main\n"
+        f"code = main(['--state-dir', {str(tmp_path / 'state')!r}, 'plan', '--json'])\n"
+        "wanted = ('asyncio', 'pyroute2.iproute.linux', 'tenacity')\n"
+        "loaded = [m for m in wanted if m in sys.modules]\n"
+        "print(json.dumps([code, loaded]), file=sys.stderr)\n"
+    )
+    done = lab.run(lab.host_ns, [sys.executable, "-c", code], timeout=60)
+    code, loaded = json.loads(done.stderr.strip().splitlines()[-1])
+    assert code == 0, done.stdout + done.stderr
+    assert loaded == [], "a plan loaded what only a change needs"
